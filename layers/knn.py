@@ -1,0 +1,83 @@
+"""k-nearest-neighbour classification: hard kNN (chunked, any device) and the differentiable DKNN."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from tqdm.auto import tqdm
+
+__all__ = ["knn_vote", "nearest_neighbors", "pairwise_sq_dists"]
+
+
+def pairwise_sq_dists(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Squared Euclidean distances ``(m, d), (n, d) -> (m, n)``, clamped at 0."""
+    d = x.pow(2).sum(-1, keepdim=True) - 2.0 * (x @ y.transpose(-1, -2)) + y.pow(2).sum(-1)
+    return d.clamp_min_(0.0) if not d.requires_grad else d.clamp_min(0.0)
+
+
+@torch.no_grad()
+def nearest_neighbors(
+    queries: torch.Tensor,
+    candidates: torch.Tensor,
+    k: int,
+    *,
+    chunk_size: int = 1024,
+    progress: bool | str = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` nearest candidates of every query, by Euclidean distance.
+
+    Queries are processed ``chunk_size`` at a time, so memory stays ``O(chunk_size * n)``.
+
+    Args:
+        queries: ``(m, d)``; candidates: ``(n, d)`` on the same device.
+        k: number of neighbours, ``1 <= k <= n``.
+        progress: show a progress bar (a string is used as its label).
+
+    Returns:
+        ``(distances, indices)``, both ``(m, k)``, nearest first.
+    """
+    if queries.dim() != 2 or candidates.dim() != 2 or queries.shape[1] != candidates.shape[1]:
+        raise ValueError(
+            f"expected queries (m, d) and candidates (n, d), got {tuple(queries.shape)} and "
+            f"{tuple(candidates.shape)}"
+        )
+    n = candidates.shape[0]
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in 1..{n} (the number of candidates), got {k}")
+    cand_sq = candidates.pow(2).sum(-1)
+    dists, idxs = [], []
+    starts = range(0, queries.shape[0], chunk_size)
+    if progress:
+        starts = tqdm(starts, desc=progress if isinstance(progress, str) else "kNN", leave=False)
+    for s in starts:
+        q = queries[s : s + chunk_size]
+        d = q.pow(2).sum(-1, keepdim=True) - 2.0 * (q @ candidates.T) + cand_sq
+        top = torch.topk(d, k, dim=1, largest=False, sorted=True)
+        dists.append(top.values.clamp_min_(0.0).sqrt_())
+        idxs.append(top.indices)
+    return torch.cat(dists), torch.cat(idxs)
+
+
+def knn_vote(
+    neighbor_labels: torch.Tensor,
+    neighbor_dists: torch.Tensor,
+    num_classes: int,
+    weighting: Literal["uniform", "distance"] = "uniform",
+) -> torch.Tensor:
+    """Majority vote over the first k neighbours: ``(m, k) labels, (m, k) distances -> (m,)``.
+
+    ``uniform`` counts each neighbour once; ``distance`` weights it by 1 / distance (a neighbour at
+    distance 0 takes the vote alone), as scikit-learn's ``KNeighborsClassifier``. Ties go to the
+    smallest label.
+    """
+    if weighting == "uniform":
+        w = torch.ones_like(neighbor_dists)
+    elif weighting == "distance":
+        zero = neighbor_dists <= 0
+        w = torch.where(zero.any(1, keepdim=True), zero.to(neighbor_dists.dtype), 1.0 / neighbor_dists)
+    else:
+        raise ValueError(f"weighting must be 'uniform' or 'distance', got {weighting!r}")
+    votes = torch.zeros(neighbor_labels.shape[0], num_classes, dtype=w.dtype, device=w.device)
+    votes.scatter_add_(1, neighbor_labels, w)
+    return votes.argmax(1)

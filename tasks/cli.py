@@ -1,0 +1,147 @@
+"""Command-line plumbing shared by the task scripts: config dataclass -> argparse flags, one-line
+errors, output folders and files written atomically."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar, get_args, get_origin, get_type_hints
+
+import torch
+
+T = TypeVar("T")
+
+__all__ = [
+    "UserError",
+    "append_csv",
+    "atomic_save",
+    "atomic_write_text",
+    "parse_config",
+    "run_main",
+    "write_json",
+]
+
+
+class UserError(Exception):
+    """A mistake in the command line or the environment: printed as one line, exit status 2."""
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not usage + traceback
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _flag_type(tp: Any) -> tuple[Callable | None, dict]:
+    origin = get_origin(tp)
+    if origin is not None and type(None) in get_args(tp):  # Optional[X]
+        inner = next(a for a in get_args(tp) if a is not type(None))
+        return _flag_type(inner)
+    if origin in (list, tuple):
+        inner = get_args(tp)[0]
+        return inner, {"nargs": "+"}
+    return tp, {}
+
+
+def parse_config(
+    cls: type[T], argv: Sequence[str] | None = None, *, description: str | None = None
+) -> T:
+    """Build an argparse parser from the fields of dataclass ``cls`` and parse ``argv``.
+
+    Each field ``name`` becomes ``--name`` (and ``--na-me`` when the name has underscores); its
+    default, type, ``choices`` (field metadata) and help text (field metadata ``help``) come
+    from the dataclass. ``bool`` fields become ``--flag / --no-flag``.
+    """
+    parser = _OneLineParser(description=description or cls.__doc__)
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        names = [f"--{f.name}"]
+        if "_" in f.name:
+            names.append(f"--{f.name.replace('_', '-')}")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        kw: dict[str, Any] = {"default": default, "help": f.metadata.get("help", "")}
+        if kw["help"] is not None:
+            kw["help"] += f" (default: {default})"
+        tp = hints[f.name]
+        if tp is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            conv, extra = _flag_type(tp)
+            kw["type"] = conv
+            kw.update(extra)
+            if "choices" in f.metadata:
+                kw["choices"] = f.metadata["choices"]
+        parser.add_argument(*names, dest=f.name, **kw)
+    ns = parser.parse_args(argv)
+    cfg = cls(**vars(ns))
+    check = getattr(cfg, "validate", None)
+    if check is not None:
+        try:
+            check()
+        except (ValueError, UserError) as err:
+            parser.error(str(err))
+    return cfg
+
+
+def run_main(main: Callable[[], Any]) -> None:
+    """Run a task's ``main``: user mistakes print one line and exit 2, Ctrl-C exits 130."""
+    try:
+        main()
+    except (UserError, FileNotFoundError) as err:
+        print(f"{Path(sys.argv[0]).name}: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"{Path(sys.argv[0]).name}: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file and a rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` through a temporary file and a rename, so a crash keeps the old file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def append_csv(path: str | Path, row: dict[str, Any]) -> None:
+    """Append ``row`` to a CSV file, writing the header when the file is new."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists() or path.stat().st_size == 0
+    with open(path, "a", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(row))
+        if new:
+            w.writeheader()
+        w.writerow(row)
+        fh.flush()
+        os.fsync(fh.fileno())

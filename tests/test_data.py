@@ -1,0 +1,122 @@
+"""tasks/data.py: embedded sets, real MNIST, and the on-disk formats written here and read back."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from tasks.data import DATASETS, DatasetNotFoundError, load_dataset, read_idx, write_idx
+
+
+def _check_splits(d, n_classes=10):
+    for x, y in [(d.train_x, d.train_y), (d.val_x, d.val_y), (d.test_x, d.test_y)]:
+        assert x.dtype == torch.float32 and y.dtype == torch.int64
+        assert x.dim() == 4 and len(x) == len(y) > 0
+        assert 0.0 <= x.min() and x.max() <= 1.0
+        assert 0 <= y.min() and y.max() < n_classes
+    assert d.num_classes == n_classes
+
+
+@pytest.mark.parametrize(("name", "sizes", "shape"), [
+    ("digits", (1257, 180, 360), (1, 8, 8)),
+    ("mnist5k", (3500, 500, 1000), (1, 28, 28)),
+])
+def test_embedded_sets(name, sizes, shape):
+    d = load_dataset(name)
+    _check_splits(d)
+    assert (len(d.train_y), len(d.val_y), len(d.test_y)) == sizes
+    assert d.image_shape == shape
+    # the split is a partition of the whole set: no image in two splits
+    flat = torch.cat([d.train_x, d.val_x, d.test_x]).flatten(1)
+    assert torch.unique(flat, dim=0).shape[0] >= 0.98 * flat.shape[0]  # (a few true duplicates)
+
+
+def test_split_is_seeded_and_fixed():
+    a, b, c = load_dataset("digits"), load_dataset("digits"), load_dataset("digits", seed=1)
+    assert torch.equal(a.train_x, b.train_x) and torch.equal(a.test_y, b.test_y)
+    assert not torch.equal(a.test_x, c.test_x)
+
+
+def test_real_mnist(shared_data):
+    d = load_dataset("mnist", shared_data)
+    _check_splits(d)
+    assert (len(d.train_y), len(d.val_y), len(d.test_y)) == (55000, 5000, 10000)
+    # all ten digits, roughly balanced; the official test set's first label is a 7
+    assert torch.bincount(d.test_y).min() > 800
+    assert d.test_y[0].item() == 7
+
+
+def _write_idx_set(folder, prefix, n_train, n_test, rng):
+    folder.mkdir(parents=True)
+    imgs = {}
+    for split, n in [("train", n_train), ("t10k", n_test)]:
+        x = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        y = rng.integers(0, 10, size=n, dtype=np.uint8)
+        write_idx(folder / f"{prefix}{split}-images-idx3-ubyte", x)
+        write_idx(folder / f"{prefix}{split}-labels-idx1-ubyte", y)
+        imgs[split] = (x, y)
+    return imgs
+
+
+@pytest.mark.parametrize(("name", "folder", "prefix"), [
+    ("fashion-mnist", "FashionMNIST/raw", ""),
+    ("emnist-mnist", "EMNIST/raw", "emnist-mnist-"),
+    ("emnist-digits", "EMNIST/raw", "emnist-digits-"),
+])
+def test_idx_sets_from_disk(tmp_path, name, folder, prefix):
+    rng = np.random.default_rng(0)
+    written = _write_idx_set(tmp_path / folder, prefix, n_train=50, n_test=20, rng=rng)
+    d = load_dataset(name, tmp_path)
+    _check_splits(d)
+    assert (len(d.train_y), len(d.val_y), len(d.test_y)) == (45, 5, 20)
+    x_test, y_test = written["t10k"]
+    expect = x_test.transpose(0, 2, 1) if name.startswith("emnist") else x_test
+    assert torch.equal(d.test_x[:, 0], torch.from_numpy(expect.astype(np.float32) / 255))
+    assert torch.equal(d.test_y, torch.from_numpy(y_test.astype(np.int64)))
+
+
+def test_idx_roundtrip_and_truncation(tmp_path):
+    x = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
+    write_idx(tmp_path / "a", x)
+    assert np.array_equal(read_idx(tmp_path / "a"), x)
+    (tmp_path / "b").write_bytes((tmp_path / "a").read_bytes()[:-3])
+    with pytest.raises(ValueError, match="truncated"):
+        read_idx(tmp_path / "b")
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_from_disk(tmp_path, name):
+    rng = np.random.default_rng(1)
+    folder = tmp_path / DATASETS[name].folder
+    folder.mkdir(parents=True)
+    key = b"labels" if name == "cifar10" else b"fine_labels"
+    n_classes = DATASETS[name].num_classes
+    test_data = None
+    for f in DATASETS[name].files:
+        n = 10 if name == "cifar10" or f == "test" else 50
+        data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
+        batch = {b"data": data, key: rng.integers(0, n_classes, size=n).tolist()}
+        with open(folder / f, "wb") as fh:
+            pickle.dump(batch, fh)
+        test_data = batch if "test" in f else test_data
+    d = load_dataset(name, tmp_path)
+    _check_splits(d, n_classes)
+    assert d.image_shape == (3, 32, 32)
+    assert (len(d.train_y), len(d.val_y)) == (45, 5)
+    expect = torch.from_numpy(test_data[b"data"].reshape(-1, 3, 32, 32).astype(np.float32) / 255)
+    assert torch.equal(d.test_x, expect)
+
+
+def test_missing_dataset_names_files_and_flag(tmp_path):
+    with pytest.raises(DatasetNotFoundError) as err:
+        load_dataset("cifar10", tmp_path)
+    msg = str(err.value)
+    assert "data_batch_1" in msg and "--download" in msg and str(tmp_path) in msg
+
+
+def test_unknown_dataset():
+    with pytest.raises(ValueError, match="choose one of"):
+        load_dataset("imagenet")

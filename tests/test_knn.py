@@ -1,0 +1,51 @@
+"""layers/knn.py: hard kNN against scikit-learn."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from sklearn.neighbors import KNeighborsClassifier
+
+from layers.knn import knn_vote, nearest_neighbors, pairwise_sq_dists
+from tasks.data import load_dataset
+
+
+def test_pairwise_sq_dists():
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(7, 3, dtype=torch.float64)
+    assert torch.allclose(pairwise_sq_dists(x, y), torch.cdist(x, y) ** 2)
+
+
+@pytest.mark.parametrize("weighting", ["uniform", "distance"])
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_matches_sklearn(k, weighting):
+    d = load_dataset("digits")
+    tr, te = d.train_x.flatten(1).double(), d.test_x.flatten(1).double()
+    dist, idx = nearest_neighbors(te, tr, k, chunk_size=64)
+    pred = knn_vote(d.train_y[idx], dist, 10, weighting)
+    ref = KNeighborsClassifier(n_neighbors=k, weights=weighting, algorithm="brute")
+    ref.fit(tr.numpy(), d.train_y.numpy())
+    agree = (pred.numpy() == ref.predict(te.numpy())).mean()
+    assert agree >= 0.995  # only exact-tie order may differ
+
+
+def test_chunking_does_not_change_result():
+    q, c = torch.randn(50, 4), torch.randn(30, 4)
+    a = nearest_neighbors(q, c, 3, chunk_size=7)
+    b = nearest_neighbors(q, c, 3, chunk_size=1000)
+    assert torch.equal(a[1], b[1]) and torch.allclose(a[0], b[0])
+
+
+def test_distance_weighting_exact_match_wins():
+    labels = torch.tensor([[1, 0, 0]])
+    dists = torch.tensor([[0.0, 0.1, 0.1]])
+    assert knn_vote(labels, dists, 2, "distance").item() == 1
+    assert knn_vote(labels, dists, 2, "uniform").item() == 0
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="k must be in 1..4"):
+        nearest_neighbors(torch.randn(2, 3), torch.randn(4, 3), 5)
+    with pytest.raises(ValueError, match="expected queries"):
+        nearest_neighbors(torch.randn(2, 3), torch.randn(4, 2), 1)
+    with pytest.raises(ValueError, match="weighting"):
+        knn_vote(torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1), 2, "gaussian")
