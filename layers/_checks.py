@@ -10,7 +10,9 @@ def check_tensor(name: str, x: torch.Tensor, *, min_dim: int = 1) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}; use .float()")
+        raise TypeError(
+            f"{name} must be a floating-point tensor, got dtype {x.dtype}; use .float()"
+        )
     if x.dim() < min_dim:
         raise ValueError(f"{name} must have at least {min_dim} dims, got shape {tuple(x.shape)}")
     if not torch.isfinite(x).all():

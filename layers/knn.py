@@ -1,4 +1,4 @@
-"""k-nearest-neighbour classification: hard kNN (chunked, any device) and the differentiable DKNN."""
+"""k-nearest neighbours: hard kNN (chunked, any device) and the differentiable DKNN."""
 
 from __future__ import annotations
 
@@ -75,7 +75,9 @@ def knn_vote(
         w = torch.ones_like(neighbor_dists)
     elif weighting == "distance":
         zero = neighbor_dists <= 0
-        w = torch.where(zero.any(1, keepdim=True), zero.to(neighbor_dists.dtype), 1.0 / neighbor_dists)
+        w = torch.where(
+            zero.any(1, keepdim=True), zero.to(neighbor_dists.dtype), 1.0 / neighbor_dists
+        )
     else:
         raise ValueError(f"weighting must be 'uniform' or 'distance', got {weighting!r}")
     votes = torch.zeros(neighbor_labels.shape[0], num_classes, dtype=w.dtype, device=w.device)

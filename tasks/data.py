@@ -89,7 +89,7 @@ DATASETS: dict[str, _Spec] = {
         10,
         5000,
         folder="cifar-10-batches-py",
-        files=tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",),
+        files=(*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"),
     ),
     "cifar100": _Spec(100, 5000, folder="cifar-100-python", files=("train", "test")),
 }
@@ -192,7 +192,9 @@ def _load_idx_pair(folder: Path, files: tuple[str, ...], name: str):
         images = read_idx(folder / img_file)
         labels = read_idx(folder / lbl_file).astype(np.int64)
         if images.shape[0] != labels.shape[0]:
-            raise ValueError(f"{folder / img_file}: {images.shape[0]} images but {len(labels)} labels")
+            raise ValueError(
+                f"{folder / img_file}: {images.shape[0]} images but {len(labels)} labels"
+            )
         if name.startswith("emnist"):
             images = images.transpose(0, 2, 1)  # EMNIST is stored transposed
         x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
@@ -252,9 +254,7 @@ def _split_whole(name: str, x: torch.Tensor, y: torch.Tensor, spec: _Spec, seed:
         idx[spec.test_size : spec.test_size + spec.val_size],
         idx[spec.test_size + spec.val_size :],
     )
-    return DataSplits(
-        name, x[train], y[train], x[val], y[val], x[test], y[test], spec.num_classes
-    )
+    return DataSplits(name, x[train], y[train], x[val], y[val], x[test], y[test], spec.num_classes)
 
 
 def _split_train(name, train_x, train_y, test_x, test_y, spec: _Spec, seed: int) -> DataSplits:

@@ -27,7 +27,9 @@ WEIGHTINGS = ("uniform", "distance")
 class KNNConfig:
     """Classical kNN (pixels and PCA features) on one data set."""
 
-    dataset: str = field(default="mnist5k", metadata={"choices": list(DATASETS), "help": "data set"})
+    dataset: str = field(
+        default="mnist5k", metadata={"choices": list(DATASETS), "help": "data set"}
+    )
     data_dir: str = field(default="data", metadata={"help": "torchvision data folder"})
     download: bool = field(default=False, metadata={"help": "download the data set if missing"})
     k: list[int] = field(default_factory=lambda: [1, 3, 5, 9], metadata={"help": "values of k"})
@@ -100,7 +102,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for feat, (ftr, fva, fte, ffull) in features.items():
         t1 = time.perf_counter()
         val = evaluate(ftr, tr_y, fva, va_y, cfg.k, data.num_classes, cfg.chunk_size, f"{feat} val")
-        test = evaluate(ffull, full_y, fte, te_y, cfg.k, data.num_classes, cfg.chunk_size, f"{feat} test")
+        test = evaluate(
+            ffull, full_y, fte, te_y, cfg.k, data.num_classes, cfg.chunk_size, f"{feat} test"
+        )
         secs = time.perf_counter() - t1
         best = max(val, key=lambda kw: (val[kw], -kw[0]))
         for k, w in val:

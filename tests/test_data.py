@@ -20,10 +20,13 @@ def _check_splits(d, n_classes=10):
     assert d.num_classes == n_classes
 
 
-@pytest.mark.parametrize(("name", "sizes", "shape"), [
-    ("digits", (1257, 180, 360), (1, 8, 8)),
-    ("mnist5k", (3500, 500, 1000), (1, 28, 28)),
-])
+@pytest.mark.parametrize(
+    ("name", "sizes", "shape"),
+    [
+        ("digits", (1257, 180, 360), (1, 8, 8)),
+        ("mnist5k", (3500, 500, 1000), (1, 28, 28)),
+    ],
+)
 def test_embedded_sets(name, sizes, shape):
     d = load_dataset(name)
     _check_splits(d)
@@ -61,11 +64,14 @@ def _write_idx_set(folder, prefix, n_train, n_test, rng):
     return imgs
 
 
-@pytest.mark.parametrize(("name", "folder", "prefix"), [
-    ("fashion-mnist", "FashionMNIST/raw", ""),
-    ("emnist-mnist", "EMNIST/raw", "emnist-mnist-"),
-    ("emnist-digits", "EMNIST/raw", "emnist-digits-"),
-])
+@pytest.mark.parametrize(
+    ("name", "folder", "prefix"),
+    [
+        ("fashion-mnist", "FashionMNIST/raw", ""),
+        ("emnist-mnist", "EMNIST/raw", "emnist-mnist-"),
+        ("emnist-digits", "EMNIST/raw", "emnist-digits-"),
+    ],
+)
 def test_idx_sets_from_disk(tmp_path, name, folder, prefix):
     rng = np.random.default_rng(0)
     written = _write_idx_set(tmp_path / folder, prefix, n_train=50, n_test=20, rng=rng)

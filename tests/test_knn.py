@@ -43,7 +43,7 @@ def test_distance_weighting_exact_match_wins():
 
 
 def test_errors():
-    with pytest.raises(ValueError, match="k must be in 1..4"):
+    with pytest.raises(ValueError, match=r"k must be in 1\.\.4"):
         nearest_neighbors(torch.randn(2, 3), torch.randn(4, 3), 5)
     with pytest.raises(ValueError, match="expected queries"):
         nearest_neighbors(torch.randn(2, 3), torch.randn(4, 2), 1)

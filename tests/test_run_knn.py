@@ -26,17 +26,23 @@ def test_run_knn_digits(tmp_path):
 def _cli(*args):
     return subprocess.run(
         [sys.executable, str(ROOT / "tasks" / "run_knn.py"), *args],
-        capture_output=True, text=True, cwd=ROOT, timeout=120,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
     )
 
 
-@pytest.mark.parametrize(("args", "needle"), [
-    (["--dataset", "imagenet"], "invalid choice"),
-    (["--dataset", "mnist", "--data-dir", "/nonexistent/dir"], "--download"),
-    (["--dataset", "digits", "--k", "0"], "positive"),
-    (["--dataset", "digits", "--k", "5000"], "larger than"),
-    (["--dataset", "digits", "--k", "three"], "invalid int"),
-])
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--dataset", "imagenet"], "invalid choice"),
+        (["--dataset", "mnist", "--data-dir", "/nonexistent/dir"], "--download"),
+        (["--dataset", "digits", "--k", "0"], "positive"),
+        (["--dataset", "digits", "--k", "5000"], "larger than"),
+        (["--dataset", "digits", "--k", "three"], "invalid int"),
+    ],
+)
 def test_cli_errors_are_one_line(args, needle, tmp_path):
     r = _cli(*args, "--out", str(tmp_path))
     assert r.returncode == 2
