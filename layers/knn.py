@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["knn_vote", "nearest_neighbors", "pairwise_sq_dists"]
+__all__ = ["DKNN", "knn_vote", "nearest_neighbors", "pairwise_sq_dists"]
 
 
 def pairwise_sq_dists(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -83,3 +83,54 @@ def knn_vote(
     votes = torch.zeros(neighbor_labels.shape[0], num_classes, dtype=w.dtype, device=w.device)
     votes.scatter_add_(1, neighbor_labels, w)
     return votes.argmax(1)
+
+
+class DKNN(torch.nn.Module):
+    """Differentiable k-nearest neighbours (Grover et al., ICLR 2019).
+
+    Candidates are scored by negative squared distance to each query, and membership in the
+    query's top k is relaxed by a sort relaxation from ``layers.sort`` (``neuralsort``,
+    ``neuralsort-stochastic``, ``lp-topk``, ...). As ``tau -> 0`` the membership is the hard kNN
+    indicator.
+
+    Args:
+        k: number of neighbours.
+        sort: name of the relaxation (see ``layers.sort.SORTS``) or a ``SortRelaxation``.
+        tau: temperature / regularization strength of the relaxation (> 0).
+        **sort_kwargs: passed to the relaxation (e.g. ``num_samples``, ``backend``).
+    """
+
+    def __init__(self, k: int, sort: Any = "neuralsort", tau: float = 16.0, **sort_kwargs: Any):
+        super().__init__()
+        from layers.sort import SortRelaxation, get_sort
+
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        self.k = k
+        self.relaxation = (
+            sort if isinstance(sort, SortRelaxation) else get_sort(sort, tau=tau, **sort_kwargs)
+        )
+
+    def forward(self, queries: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """Relaxed top-k membership: ``(M, d), (N, d) -> (M, N)`` (or ``(S, M, N)`` for a
+        stochastic relaxation with ``S`` samples); each row sums to ``k``."""
+        if candidates.shape[0] < self.k:
+            raise ValueError(
+                f"k={self.k} is larger than the {candidates.shape[0]} candidates; "
+                "use more candidates (--num_train_neighbors) or a smaller k"
+            )
+        scores = -pairwise_sq_dists(queries, candidates)
+        return self.relaxation.topk(scores, self.k)
+
+    def loss(
+        self,
+        queries: torch.Tensor,
+        candidates: torch.Tensor,
+        query_labels: torch.Tensor,
+        candidate_labels: torch.Tensor,
+    ) -> torch.Tensor:
+        """The paper's loss: minus the (relaxed) number of same-label candidates in the top k,
+        averaged over queries (and samples). ``-loss / k`` is the top-k correctness in [0, 1]."""
+        topk = self(queries, candidates)
+        correct = (query_labels[:, None] == candidate_labels[None, :]).to(topk.dtype)
+        return -(topk * correct).sum(-1).mean()

@@ -1,0 +1,54 @@
+"""Figures drawn from result files (never from live state), so any run can be re-plotted."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def read_csv(path: str | Path) -> list[dict[str, float | str]]:
+    with open(path) as fh:
+        rows = list(csv.DictReader(fh))
+    out = []
+    for r in rows:
+        row: dict[str, float | str] = {}
+        for key, value in r.items():
+            try:
+                row[key] = float(value)
+            except (TypeError, ValueError):
+                row[key] = value
+        out.append(row)
+    return out
+
+
+def plot_learning_curves(metrics_csv: str | Path, out_png: str | Path, title: str = "") -> None:
+    """One panel per metric family (loss-like, accuracy-like) against the epoch."""
+    rows = read_csv(metrics_csv)
+    if not rows:
+        return
+    epochs = [r["epoch"] for r in rows]
+    keys = [
+        k
+        for k in rows[0]
+        if k not in ("epoch", "seconds", "step") and isinstance(rows[0][k], float)
+    ]
+    acc = [k for k in keys if "acc" in k]
+    other = [k for k in keys if k not in acc]
+    panels = [p for p in (other, acc) if p]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
+    for ax, group in zip(axes[0], panels):
+        for k in group:
+            ax.plot(epochs, [r[k] for r in rows], marker="o", ms=3, label=k)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)

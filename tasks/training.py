@@ -1,0 +1,235 @@
+"""One training loop for every task: epochs, progress bar, metrics.csv, atomic checkpoints,
+exact ``--resume``, model selection on validation, and DistributedDataParallel under torchrun.
+
+A task supplies two callables:
+
+* ``train_step(model, generator) -> dict[str, float]``: one optimisation step (the loop calls
+  ``optimizer.zero_grad()`` before and ``optimizer.step()`` after; the step calls ``backward``).
+  ``generator`` is a ``torch.Generator`` seeded by (seed, epoch, rank): draw every random batch
+  from it, and a resumed run replays exactly the batches a straight run would have seen.
+* ``evaluate(model) -> dict[str, float]``: validation metrics, run on rank 0 only.
+
+Files in ``out``: ``config.json``, ``metrics.csv`` (a row per epoch), ``ckpt.pt`` (the last epoch:
+model, optimizer, epoch, best_val, config, RNG state), ``best.pt`` (the best model on validation),
+``curves.png``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm.auto import tqdm
+
+from tasks.cli import UserError, append_csv, atomic_save, atomic_write_text, write_json
+from tasks.plots import plot_learning_curves, read_csv
+
+__all__ = ["Trainer", "distributed_context", "seed_everything"]
+
+# Flags that may differ between a run and its resumption.
+RESUMABLE_KEYS = {"resume", "num_epochs", "device", "out", "progress"}
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def distributed_context(device: str) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device). Under ``torchrun`` joins the process group (gloo on CPU,
+    nccl on CUDA, each rank on its own GPU); otherwise (0, 1, device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dev = torch.device(device)
+    if world == 1:
+        return 0, 1, dev
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local)
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return rank, world, dev
+
+
+class Trainer:
+    """Runs epochs of ``train_step`` calls with validation, checkpoints and resume.
+
+    Args:
+        model: the module to train (wrapped in DDP when ``WORLD_SIZE > 1``).
+        optimizer: its optimizer.
+        out: output folder.
+        config: the run's resolved flags (saved; a resumed run must match them).
+        resume: continue from ``out/ckpt.pt``.
+        monitor: validation metric that selects the best epoch (higher is better).
+        device: torch device string.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        out: str | Path,
+        config: dict[str, Any],
+        resume: bool = False,
+        monitor: str = "val_acc",
+        device: str = "cpu",
+        seed: int = 0,
+        progress: bool = True,
+    ):
+        self.rank, self.world, self.device = distributed_context(device)
+        self.model = model.to(self.device)
+        self.optimizer = optimizer
+        self.out = Path(out)
+        self.config = config
+        self.monitor = monitor
+        self.seed = seed
+        self.progress = progress and self.rank == 0
+        self.start_epoch, self.best_val, self.best_epoch = 0, -math.inf, -1
+        self.ckpt_path, self.best_path = self.out / "ckpt.pt", self.out / "best.pt"
+        self.metrics_path = self.out / "metrics.csv"
+        if resume:
+            self._resume()
+        elif self.ckpt_path.exists():
+            raise UserError(
+                f"{self.out} already holds a checkpoint; pass --resume to continue it, "
+                "or --out to start a new run elsewhere (nothing was overwritten)"
+            )
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model: nn.Module = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=ids
+            )
+        else:
+            self.train_model = self.model
+        if self.rank == 0:
+            write_json(self.out / "config.json", self.config)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _resume(self) -> None:
+        if not self.ckpt_path.exists():
+            raise UserError(f"--resume: no checkpoint at {self.ckpt_path}")
+        ckpt = torch.load(self.ckpt_path, map_location=self.device, weights_only=False)
+        saved = {k: v for k, v in ckpt["config"].items() if k not in RESUMABLE_KEYS}
+        now = {k: v for k, v in self.config.items() if k not in RESUMABLE_KEYS}
+        diff = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
+        if diff:
+            detail = ", ".join(f"--{k} {saved.get(k)!r} (now {now.get(k)!r})" for k in diff[:4])
+            raise UserError(
+                f"--resume: the checkpoint in {self.out} was written with other flags: {detail}; "
+                "use the same flags or another --out (nothing was overwritten)"
+            )
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.start_epoch = ckpt["epoch"]
+        self.best_val, self.best_epoch = ckpt["best_val"], ckpt["best_epoch"]
+        torch.set_rng_state(ckpt["torch_rng"])
+        if self.rank == 0 and self.metrics_path.exists():  # drop rows of an unfinished epoch
+            rows = [r for r in read_csv(self.metrics_path) if r["epoch"] <= self.start_epoch]
+            if rows:
+                keys = list(rows[0])
+                lines = [",".join(keys)] + [",".join(_fmt(r[k]) for k in keys) for r in rows]
+                atomic_write_text(self.metrics_path, "\n".join(lines) + "\n")
+            else:
+                self.metrics_path.unlink()
+        if self.rank == 0:
+            print(f"resumed from {self.ckpt_path} after epoch {self.start_epoch}")
+
+    def _save(self, epoch: int) -> None:
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "epoch": epoch,
+            "best_val": self.best_val,
+            "best_epoch": self.best_epoch,
+            "config": self.config,
+            "torch_rng": torch.get_rng_state(),
+        }
+        atomic_save(state, self.ckpt_path)
+
+    def load_best(self) -> int:
+        """Load the best-on-validation weights into the model; returns their epoch."""
+        best = torch.load(self.best_path, map_location=self.device, weights_only=False)
+        self.model.load_state_dict(best["model"])
+        return best["epoch"]
+
+    # ------------------------------------------------------------------ loop
+    def fit(
+        self,
+        num_epochs: int,
+        steps_per_epoch: int,
+        train_step: Callable[[nn.Module, torch.Generator], dict[str, float]],
+        evaluate: Callable[[nn.Module], dict[str, float]],
+    ) -> dict[str, float]:
+        """Train until ``num_epochs`` epochs are done; returns the best validation record."""
+        for epoch in range(self.start_epoch + 1, num_epochs + 1):
+            t0 = time.perf_counter()
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch * 1009 + self.rank)
+            self.model.train()
+            sums: dict[str, float] = {}
+            bar = tqdm(
+                range(steps_per_epoch),
+                desc=f"epoch {epoch}/{num_epochs}",
+                disable=not self.progress,
+                leave=False,
+            )
+            for _ in bar:
+                self.optimizer.zero_grad(set_to_none=True)
+                logs = train_step(self.train_model, gen)
+                self.optimizer.step()
+                for k, v in logs.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+                bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items()}, refresh=False)
+            row: dict[str, Any] = {"epoch": epoch}
+            row.update({f"train_{k}": v / steps_per_epoch for k, v in sums.items()})
+            if self.rank == 0:
+                self.model.eval()
+                with torch.no_grad():
+                    val = evaluate(self.model)
+                row.update(val)
+                row["seconds"] = time.perf_counter() - t0
+                if val[self.monitor] > self.best_val:
+                    self.best_val, self.best_epoch = val[self.monitor], epoch
+                    atomic_save(
+                        {"model": self.model.state_dict(), "epoch": epoch, "val": val},
+                        self.best_path,
+                    )
+                append_csv(self.metrics_path, row)
+                self._save(epoch)
+                plot_learning_curves(self.metrics_path, self.out / "curves.png")
+                shown = " ".join(f"{k} {_fmt(v)}" for k, v in row.items() if k != "epoch")
+                print(f"epoch {epoch}/{num_epochs} {shown} best {self.best_val:.4f}", flush=True)
+            if self.world > 1:
+                dist.barrier()
+        if self.world > 1:
+            self._check_ranks_agree()
+        return {"best_val": self.best_val, "best_epoch": self.best_epoch}
+
+    def _check_ranks_agree(self) -> None:
+        """All ranks must hold identical weights after DDP training; rank 0 records the check."""
+        flat = torch.cat([p.detach().double().flatten().cpu() for p in self.model.parameters()])
+        weights = torch.linspace(1.0, 2.0, len(flat), dtype=torch.float64)
+        digest = torch.stack([flat.sum(), (flat * weights).sum()]).to(self.device)
+        gathered = [torch.zeros_like(digest) for _ in range(self.world)]
+        dist.all_gather(gathered, digest)
+        if self.rank == 0:
+            sums = [g.cpu().tolist() for g in gathered]
+            write_json(self.out / "ddp_check.json", {"world_size": self.world, "digests": sums})
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return str(v)
