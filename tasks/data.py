@@ -271,3 +271,47 @@ def _split_train(name, train_x, train_y, test_x, test_y, spec: _Spec, seed: int)
         test_y,
         spec.num_classes,
     )
+
+
+# --------------------------------------------------------------------------- denoising signals
+def make_denoising_data(
+    n_samples: int = 10_000,
+    seq_len: int = 100,
+    *,
+    min_segments: int = 1,
+    max_segments: int = 10,
+    min_height: int = 10,
+    max_height: int = 100,
+    noise: float = 10.0,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Piecewise-constant signals plus Gaussian noise: OptNet's ``denoising/create.py`` exactly.
+
+    Each signal has ``U{min_segments..max_segments-1}`` constant segments (change points
+    distinct, at positions 1..seq_len-2), integer heights ``U{min_height..max_height-1}`` and
+    noise ``N(0, noise^2)``; with ``seed=0`` the numbers are those of the reference script
+    (``numpy.random.seed(0)``, the same calls in the same order).
+
+    Returns:
+        ``(noisy, clean)``, float32 tensors of shape ``(n_samples, seq_len)``.
+    """
+    rng = np.random.RandomState(seed)
+    noisy = np.empty((n_samples, seq_len))
+    clean = np.empty((n_samples, seq_len))
+    for i in range(n_samples):
+        n_seg = rng.randint(min_segments, max_segments)
+        cuts = sorted(rng.choice(seq_len - 2, n_seg - 1, replace=False) + 1)
+        lengths = np.diff([0, *cuts, seq_len])
+        heights = rng.randint(min_height, max_height, n_seg)
+        clean[i] = np.repeat(heights, lengths).astype(np.float64)
+        noisy[i] = clean[i] + rng.normal(0, noise, seq_len)
+    return torch.from_numpy(noisy).float(), torch.from_numpy(clean).float()
+
+
+def denoising_splits(seed: int = 0, n_train: int = 9000, n_samples: int = 10_000):
+    """OptNet's split: the first 9,000 signals train, the last 1,000 test (no shuffle).
+
+    Returns ``(train_noisy, train_clean, test_noisy, test_clean)``.
+    """
+    noisy, clean = make_denoising_data(n_samples, seed=seed)
+    return noisy[:n_train], clean[:n_train], noisy[n_train:], clean[n_train:]
