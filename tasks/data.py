@@ -315,3 +315,38 @@ def denoising_splits(seed: int = 0, n_train: int = 9000, n_samples: int = 10_000
     """
     noisy, clean = make_denoising_data(n_samples, seed=seed)
     return noisy[:n_train], clean[:n_train], noisy[n_train:], clean[n_train:]
+
+
+# --------------------------------------------------------------------------- multi-digit sorting
+class MultiDigitSequences:
+    """Sequences of ``n`` numbers, each drawn as ``num_digits`` MNIST digits side by side
+    (the NeuralSort large-MNIST sorting task).
+
+    Args:
+        images: ``(N, 1, 28, 28)`` digit images of one split (train numbers come from train
+            digits, test numbers from test digits).
+        labels: ``(N,)`` their digits.
+        n: numbers per sequence.
+        num_digits: digits per number (4 in the paper: images of 28 x 112).
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, n: int, num_digits: int = 4):
+        if n < 2:
+            raise ValueError(f"n must be >= 2 to sort anything, got {n}")
+        self.images, self.labels, self.n, self.num_digits = images, labels, n, num_digits
+        self.place = 10 ** torch.arange(num_digits - 1, -1, -1)
+
+    def sample(
+        self, batch: int, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x, values)``: images ``(batch, n, 1, 28, 28 * num_digits)`` and the numbers they
+        show, ``(batch, n)`` float."""
+        idx = torch.randint(len(self.labels), (batch, self.n, self.num_digits), generator=generator)
+        digits = self.images[idx]  # (batch, n, l, 1, 28, 28)
+        x = digits.permute(0, 1, 3, 4, 2, 5).reshape(batch, self.n, 1, 28, 28 * self.num_digits)
+        values = (self.labels[idx] * self.place).sum(-1).float()
+        return x, values
+
+    def fixed(self, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A fixed, seeded set of ``count`` sequences (for validation and test)."""
+        return self.sample(count, torch.Generator().manual_seed(seed))

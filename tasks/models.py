@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Classifier", "ConvNet", "PreActResNet18", "embed", "make_backbone"]
+__all__ = ["Classifier", "ConvNet", "PreActResNet18", "SortCNN", "embed", "make_backbone"]
 
 
 class ConvNet(nn.Module):
@@ -108,3 +108,20 @@ def embed(model: nn.Module, x: torch.Tensor, device: torch.device, batch_size: i
     out = torch.cat([model(x[i : i + batch_size].to(device)) for i in range(0, len(x), batch_size)])
     model.train(was_training)
     return out
+
+
+class SortCNN(nn.Module):
+    """The NeuralSort sorting CNN: two 5x5 conv layers (32, 64 channels) with 2x2 max-pooling,
+    a 64-unit layer and a scalar score. ``(B, 1, 28, 28 * l) -> (B,)``."""
+
+    def __init__(self, num_digits: int = 4):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 32, 5, 1, 2)
+        self.conv2 = nn.Conv2d(32, 64, 5, 1, 2)
+        self.fc1 = nn.Linear(64 * 7 * 7 * num_digits, 64)
+        self.fc2 = nn.Linear(64, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        return self.fc2(F.relu(self.fc1(x.flatten(1)))).squeeze(-1)

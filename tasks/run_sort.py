@@ -1,0 +1,229 @@
+"""Learning to sort images of numbers (NeuralSort paper, Table 1, large-MNIST).
+
+Each item is a ``--num_digits``-digit number drawn as MNIST digits side by side (28 x 112); a CNN
+scores every item and is trained, through a relaxed permutation matrix, to sort ``--n`` of them by
+their (unseen) values. Loss: cross-entropy between the true permutation matrix and the relaxed
+one. Reported: the proportion of sequences sorted exactly, and of items put in the right place.
+
+    python tasks/run_sort.py --n 5 --sort neuralsort --data-dir ../shared/data
+
+Writes config.json, metrics.csv, ckpt.pt, best.pt, curves.png and results.json to ``--out``, then
+refreshes the comparison over every finished run beside it (summary.md, summary.json,
+accuracy_vs_n.png in the parent folder).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from layers.sort import get_sort
+
+from tasks.cli import atomic_write_text, parse_config, run_main, write_json
+from tasks.data import MultiDigitSequences, load_dataset
+from tasks.models import SortCNN
+from tasks.training import Trainer, seed_everything
+
+SORTS = ["neuralsort", "neuralsort-stochastic", "lp-permutahedron", "lp-birkhoff", "sinkhorn"]
+
+
+@dataclass
+class SortConfig:
+    """Train a CNN to sort multi-digit MNIST numbers through a relaxed permutation."""
+
+    n: int = field(default=5, metadata={"help": "numbers per sequence"})
+    sort: str = field(default="neuralsort", metadata={"choices": SORTS, "help": "relaxation"})
+    tau: float = field(default=1.0, metadata={"help": "temperature / regularization strength"})
+    lr: float = field(default=1e-3, metadata={"help": "Adam learning rate"})
+    batch_size: int = field(default=20, metadata={"help": "sequences per step (M)"})
+    num_samples: int = field(default=5, metadata={"help": "samples (neuralsort-stochastic)"})
+    num_epochs: int = field(default=10, metadata={"help": "epochs"})
+    steps_per_epoch: int = field(default=500, metadata={"help": "steps per epoch"})
+    num_digits: int = field(default=4, metadata={"help": "digits per number"})
+    dataset: str = field(
+        default="mnist", metadata={"choices": ["mnist", "mnist5k"], "help": "digit images"}
+    )
+    data_dir: str = field(default="data", metadata={"help": "torchvision data folder"})
+    download: bool = field(default=False, metadata={"help": "download MNIST if missing"})
+    val_sequences: int = field(default=500, metadata={"help": "validation sequences"})
+    test_sequences: int = field(default=2000, metadata={"help": "test sequences"})
+    resume: bool = field(default=False, metadata={"help": "continue from --out/ckpt.pt"})
+    device: str = field(default="cpu", metadata={"help": "torch device (cpu, cuda)"})
+    out: str = field(default="", metadata={"help": "output folder"})
+    seed: int = field(default=0, metadata={"help": "seed"})
+    progress: bool = field(default=True, metadata={"help": "show progress bars"})
+
+    def validate(self) -> None:
+        if self.n < 2:
+            raise ValueError(f"--n must be >= 2, got {self.n}")
+        if not self.tau > 0:
+            raise ValueError(f"--tau must be > 0, got {self.tau}")
+        if not self.lr > 0:
+            raise ValueError(f"--lr must be > 0, got {self.lr}")
+        for name in ("batch_size", "num_samples", "num_epochs", "steps_per_epoch", "num_digits"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        self.out = self.out or f"results/sort/n{self.n}-{self.sort}-t{self.tau:g}"
+
+
+def true_permutation(values: torch.Tensor) -> torch.Tensor:
+    """``(..., n) -> (..., n, n)``: row i is one-hot at the item of rank i (largest first)."""
+    order = torch.argsort(values, dim=-1, descending=True, stable=True)
+    return torch.nn.functional.one_hot(order, values.shape[-1]).to(values.dtype)
+
+
+def sort_accuracy(scores: torch.Tensor, values: torch.Tensor) -> tuple[float, float]:
+    """(exact, element-wise): sequences whose predicted order is entirely right, and items put
+    in their right place."""
+    pred = torch.argsort(scores, dim=-1, descending=True, stable=True)
+    true = torch.argsort(values, dim=-1, descending=True, stable=True)
+    right = pred == true
+    return right.all(-1).float().mean().item(), right.float().mean().item()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = parse_config(SortConfig, argv)
+    data = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download, seed=0)
+    train = MultiDigitSequences(data.train_x, data.train_y, cfg.n, cfg.num_digits)
+    val = MultiDigitSequences(data.val_x, data.val_y, cfg.n, cfg.num_digits).fixed(
+        cfg.val_sequences, seed=1
+    )
+    test = MultiDigitSequences(data.test_x, data.test_y, cfg.n, cfg.num_digits).fixed(
+        cfg.test_sequences, seed=2
+    )
+    seed_everything(cfg.seed)
+    model = SortCNN(cfg.num_digits)
+    extra = {"num_samples": cfg.num_samples} if cfg.sort == "neuralsort-stochastic" else {}
+    relax = get_sort(cfg.sort, tau=cfg.tau, **extra)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    trainer = Trainer(
+        model,
+        optimizer,
+        out=cfg.out,
+        config=asdict(cfg),
+        resume=cfg.resume,
+        monitor="val_exact",
+        device=cfg.device,
+        seed=cfg.seed,
+        progress=cfg.progress,
+    )
+    dev = trainer.device
+    step_times: list[float] = []
+
+    def scores_of(net, x: torch.Tensor) -> torch.Tensor:
+        b, n = x.shape[:2]
+        return net(x.reshape(b * n, *x.shape[2:]).to(dev)).reshape(b, n)
+
+    def train_step(net, gen):
+        t0 = time.perf_counter()
+        x, values = train.sample(cfg.batch_size, gen)
+        p_true = true_permutation(values.to(dev))
+        p_hat = relax(scores_of(net, x))  # (..., b, n, n); stochastic: leading samples dim
+        loss = -(p_true * torch.log(p_hat.clamp_min(1e-20))).sum(-1).mean()
+        loss.backward()
+        step_times.append(time.perf_counter() - t0)
+        return {"loss": loss.item()}
+
+    def evaluate(net, split=val) -> dict[str, float]:
+        x, values = split
+        scores = torch.cat([scores_of(net, x[i : i + 250]) for i in range(0, len(x), 250)])
+        exact, elementwise = sort_accuracy(scores.cpu(), values)
+        return {"val_exact": exact, "val_elementwise": elementwise}
+
+    best = trainer.fit(cfg.num_epochs, cfg.steps_per_epoch, train_step, evaluate)
+    if trainer.rank != 0:
+        return {}
+    best_epoch = trainer.load_best()
+    model.eval()
+    with torch.no_grad():
+        test_metrics = evaluate(model, test)
+    result = {
+        "config": asdict(cfg),
+        "best_epoch": best_epoch,
+        "val_exact": best["best_val"],
+        "test_exact": test_metrics["val_exact"],
+        "test_elementwise": test_metrics["val_elementwise"],
+        "seconds_per_step": sum(step_times) / max(1, len(step_times)),
+        "steps": best_epoch * cfg.steps_per_epoch,
+    }
+    write_json(f"{cfg.out}/results.json", result)
+    print(
+        f"\nn={cfg.n} {cfg.sort}: test exact {result['test_exact']:.3f}, element-wise "
+        f"{result['test_elementwise']:.3f} (best epoch {best_epoch}); "
+        f"{1000 * result['seconds_per_step']:.0f} ms/step"
+    )
+    summarize(Path(cfg.out).parent)
+    return result
+
+
+PAPER = {
+    3: (0.930, 0.951),
+    5: (0.837, 0.927),
+    7: (0.738, 0.909),
+    9: (0.649, 0.896),
+    15: (0.386, 0.857),
+}  # NeuralSort Table 1, deterministic NeuralSort: exact (element-wise)
+
+
+def summarize(root: str | Path) -> None:
+    """Collect every ``*/results.json`` under ``root`` into summary.md / .json and a plot."""
+    root = Path(root)
+    runs = []
+    for f in sorted(root.glob("*/results.json")):
+        r = json.loads(f.read_text())
+        c = r["config"]
+        runs.append(
+            {
+                "run": f.parent.name,
+                "n": c["n"],
+                "sort": c["sort"],
+                "tau": c["tau"],
+                "test_exact": r["test_exact"],
+                "test_elementwise": r["test_elementwise"],
+                "ms_per_step": 1000 * r["seconds_per_step"],
+                "steps": r.get("steps"),
+            }
+        )
+    if not runs:
+        return
+    runs.sort(key=lambda r: (r["n"], r["sort"]))
+    lines = [
+        "| n | relaxation | tau | test exact | test element-wise | paper (NeuralSort) | "
+        "ms/step | steps |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        paper = PAPER.get(r["n"])
+        ptxt = f"{paper[0]:.3f} ({paper[1]:.3f})" if paper else "-"
+        lines.append(
+            f"| {r['n']} | {r['sort']} | {r['tau']:g} | {r['test_exact']:.3f} | "
+            f"{r['test_elementwise']:.3f} | {ptxt} | {r['ms_per_step']:.0f} | "
+            f"{r['steps']} |"
+        )
+    atomic_write_text(root / "summary.md", "\n".join(lines) + "\n")
+    write_json(root / "summary.json", runs)
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for name in sorted({r["sort"] for r in runs}):
+        pts = sorted((r["n"], r["test_exact"]) for r in runs if r["sort"] == name)
+        ax.plot(*zip(*pts), marker="o", label=name)
+    ax.plot(list(PAPER), [v[0] for v in PAPER.values()], "k--", label="paper (NeuralSort)")
+    ax.set_xlabel("n (numbers per sequence)")
+    ax.set_ylabel("test exact-sort accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(root / "accuracy_vs_n.png", dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    run_main(main)
