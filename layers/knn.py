@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-from tqdm.auto import tqdm
 
 __all__ = ["DKNN", "knn_vote", "nearest_neighbors", "pairwise_sq_dists"]
 
@@ -49,6 +48,8 @@ def nearest_neighbors(
     dists, idxs = [], []
     starts = range(0, queries.shape[0], chunk_size)
     if progress:
+        from tqdm.auto import tqdm
+
         starts = tqdm(starts, desc=progress if isinstance(progress, str) else "kNN", leave=False)
     for s in starts:
         q = queries[s : s + chunk_size]
