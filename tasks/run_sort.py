@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from layers.sort import get_sort
 
+from layers.sort import get_sort
 from tasks.cli import atomic_write_text, parse_config, run_main, write_json
 from tasks.data import MultiDigitSequences, load_dataset
 from tasks.models import SortCNN

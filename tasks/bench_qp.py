@@ -1,0 +1,696 @@
+"""Benchmark the OptNet QP layer's backends against qpth and raw cvxpylayers.
+
+    python tasks/bench_qp.py --quick                 # tiny sizes, under a minute
+    python tasks/bench_qp.py                         # small, dense and sparse sizes
+    python tasks/bench_qp.py --sizes small dense --methods torch-ipm qpth-default
+
+Sizes (batch, n, inequalities, equalities, density):
+
+* ``small``  -- OptNet-sized: 64, 20, 10, 5, dense.
+* ``dense``  -- the cvxpylayers paper's dense QP: 128, 128, 128, 0, dense.
+* ``sparse`` -- the cvxpylayers paper's sparse QP: 32, 1024, 1024, 1024, 1% nonzeros. With as
+  many equalities as variables, ``x`` is pinned by ``A x = b`` (``A`` is made full rank): the
+  gradients for ``Q, q, G, h`` are zero and a solver that eliminates equalities has little left
+  to do. Hence the optional
+* ``sparse-p512`` -- the same with 512 equalities (not run by default).
+
+Methods: every backend of :func:`layers.qp.qp` (``torch-ipm``, ``moreau``, ``diffcp-*``,
+``qpth``, each with the library's settings), plus two peers used the way their documentation shows:
+``cvxpylayers-default`` (``CvxpyLayer`` with no solver arguments: diffcp, with ``Q`` entering as a
+Cholesky factor) and ``qpth-default`` (``QPFunction()``). All run side by side in one process on
+the same problems, so their ratios are comparable even on a busy machine.
+
+Each measurement: a forward pass with every input requiring grad, then ``(x * g).sum().backward()``
+for a fixed random ``g``. Times are medians over ``--repeats`` runs after ``--warmup`` runs (the
+first call, which canonicalizes CVXPY problems, is reported as ``first_call_s``). Peak memory on
+CPU is the largest increase of the process's resident memory during one forward+backward (sampled
+every 0.5 ms after returning freed memory to the OS), so it includes the solvers' C/C++ memory;
+on CUDA it is ``torch.cuda.max_memory_allocated`` above the starting point.
+
+Gradient error: the relative error (Frobenius) of the gradients with respect to each of
+``Q, q, G, h, A, b`` against a high-accuracy reference that shares no code with the backends:
+Clarabel (tolerances 1e-12, called directly) finds the active set of each element, then the
+equality-constrained KKT system of that active set is solved exactly (LU, float64) for ``x`` and
+for the adjoint, which gives the gradients in closed form (OptNet, eqs. 6-8).
+
+Writes to ``--out``: ``config.json``; ``bench_qp.csv`` (one row per measurement, appended as the
+run goes; ``--resume`` skips rows already there); ``bench_qp.json`` (rows, machine info and the
+issue's targets); ``bench_qp.png`` (time and gradient error per method and size).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import importlib.metadata
+import math
+import os
+import platform
+import statistics
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from layers.backends import BACKENDS, DEFAULT_BACKEND
+from layers.qp import qp
+from tasks.cli import UserError, append_csv, parse_config, run_main, write_json
+from tasks.plots import read_csv
+
+INPUTS = ("Q", "q", "G", "h", "A", "b")
+SIZES: dict[str, tuple[int, int, int, int, float]] = {
+    "small": (64, 20, 10, 5, 1.0),
+    "dense": (128, 128, 128, 0, 1.0),
+    "sparse": (32, 1024, 1024, 1024, 0.01),
+    "sparse-p512": (32, 1024, 1024, 512, 0.01),
+}
+QUICK_SIZES: dict[str, tuple[int, int, int, int, float]] = {
+    "small": (8, 10, 5, 2, 1.0),
+    "dense": (8, 24, 24, 0, 1.0),
+    "sparse": (4, 64, 64, 64, 0.05),
+    "sparse-p512": (4, 64, 64, 32, 0.05),
+}
+DEFAULT_SIZES = ("small", "dense", "sparse")
+PEERS = ("cvxpylayers-default", "qpth-default")
+METHODS = (*BACKENDS, *PEERS)
+GRAD_TARGET = 1e-5
+FIELDS = (
+    "size",
+    "method",
+    "batch",
+    "n",
+    "m",
+    "p",
+    "density",
+    "status",
+    "first_call_s",
+    "fwd_ms",
+    "bwd_ms",
+    "fwd_bwd_ms",
+    "fwd_bwd_min_ms",
+    "peak_mem_mb",
+    "x_err",
+    "max_grad_err",
+    "grad_err_all",
+    *(f"grad_err_{k}" for k in INPUTS),
+    "error",
+)
+
+
+@dataclass
+class BenchConfig:
+    """Time, memory and gradient error of the QP backends and their peers."""
+
+    sizes: list[str] = field(
+        default_factory=lambda: list(DEFAULT_SIZES), metadata={"help": f"any of {list(SIZES)}"}
+    )
+    methods: list[str] = field(
+        default_factory=lambda: list(METHODS), metadata={"help": f"any of {list(METHODS)}"}
+    )
+    quick: bool = field(default=False, metadata={"help": "tiny sizes, one repeat (smoke test)"})
+    repeats: int = field(default=5, metadata={"help": "timed runs per point"})
+    warmup: int = field(default=1, metadata={"help": "untimed runs per point (>= 1)"})
+    threads: int = field(default=0, metadata={"help": "torch threads (0: torch's default)"})
+    device: str = field(default="cpu", metadata={"help": "cpu or cuda"})
+    seed: int = field(default=0, metadata={"help": "problem seed"})
+    max_seconds: float = field(
+        default=600.0, metadata={"help": "after a first call slower than this, no more repeats"}
+    )
+    memory: bool = field(default=True, metadata={"help": "measure peak memory"})
+    max_diffcp_n: int = field(
+        default=256,
+        metadata={
+            "help": "skip the diffcp methods above this n: CVXPY canonicalizes the n x n factor "
+            "parameter into ~3 n^3 integers (24 GiB at n = 1024)"
+        },
+    )
+    resume: bool = field(default=False, metadata={"help": "skip rows already in bench_qp.csv"})
+    out: str = field(default="results/bench_qp", metadata={"help": "output folder"})
+
+    def validate(self) -> None:
+        bad = [s for s in self.sizes if s not in SIZES]
+        if bad:
+            raise ValueError(f"unknown sizes {bad}; choose from {list(SIZES)}")
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad:
+            raise ValueError(f"unknown methods {bad}; choose from {list(METHODS)}")
+        if self.repeats < 1 or self.warmup < 1:
+            raise ValueError("--repeats and --warmup must be >= 1")
+        if self.quick:
+            self.repeats = 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Problems and the reference
+# ----------------------------------------------------------------------------------------------
+
+
+def _sparse_like(shape: tuple[int, ...], density: float, g: torch.Generator) -> torch.Tensor:
+    """Gaussian entries, each kept with probability ``density``, at least one per row."""
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    if density >= 1:
+        return x
+    keep = torch.rand(shape, generator=g, dtype=torch.float64) < density
+    col = torch.randint(shape[-1], shape[:-1], generator=g)
+    keep.scatter_(-1, col.unsqueeze(-1), True)
+    return x * keep
+
+
+def random_qp(
+    batch: int, n: int, m: int, p: int, *, density: float = 1.0, seed: int = 0
+) -> dict[str, torch.Tensor | None]:
+    """A batch of random feasible, strictly convex QPs (float64).
+
+    ``Q = F F'/n + 0.1 I`` (``F`` with the given density), ``q ~ N(0, I)``, ``G`` and ``A`` with
+    the given density (a sparse ``A`` plus the first ``p`` rows of the identity, so it has full
+    row rank and the equality duals, hence the gradients for ``A, b``, are unique), and
+    ``h = G z0 + s0`` (``s0 ~ U(0, 1)``), ``b = A z0`` for a random ``z0``, so ``z0`` is
+    feasible. Returns a dict with keys ``Q, q, G, h, A, b`` (``G, h`` or
+    ``A, b`` None when ``m`` or ``p`` is 0).
+    """
+    g = torch.Generator().manual_seed(seed)
+    F = _sparse_like((batch, n, n), density, g)
+    Q = F @ F.mT / max(1.0, n * density) + 0.1 * torch.eye(n, dtype=torch.float64)
+    q = torch.randn(batch, n, generator=g, dtype=torch.float64)
+    z0 = torch.randn(batch, n, generator=g, dtype=torch.float64)
+    out: dict[str, torch.Tensor | None] = {
+        "Q": Q,
+        "q": q,
+        "G": None,
+        "h": None,
+        "A": None,
+        "b": None,
+    }
+    if m:
+        G = _sparse_like((batch, m, n), density, g)
+        out["G"] = G
+        out["h"] = (G @ z0.unsqueeze(-1)).squeeze(-1) + torch.rand(
+            batch, m, generator=g, dtype=torch.float64
+        )
+    if p:
+        A = _sparse_like((batch, p, n), density, g)
+        if density < 1:  # keep a sparse A full row rank: add the identity's first p rows
+            A = A + torch.eye(p, n, dtype=torch.float64)
+        out["A"], out["b"] = A, (A @ z0.unsqueeze(-1)).squeeze(-1)
+    return out
+
+
+@dataclass
+class Reference:
+    """The reference solution and gradients for one batch (float64, CPU)."""
+
+    x: torch.Tensor
+    grads: dict[str, torch.Tensor | None]
+    ok: bool  # every element's active-set solution is primal and dual feasible
+    degenerate: int  # constraints with both multiplier and slack below 1e-7
+
+
+def reference(data: dict[str, torch.Tensor | None], gx: torch.Tensor) -> Reference:
+    """Clarabel's active set per element, then the exact KKT solves (see the module docstring)."""
+    import clarabel
+    import scipy.sparse as sp
+
+    Q, q = data["Q"], data["q"]
+    assert Q is not None and q is not None
+    B, n = q.shape
+    G, h, A, b = data["G"], data["h"], data["A"], data["b"]
+    m = 0 if G is None else G.shape[1]
+    p = 0 if A is None else A.shape[1]
+    xs, ok, degenerate = [], True, 0
+    grads: dict[str, torch.Tensor | None] = {
+        k: (None if v is None else torch.zeros_like(v)) for k, v in data.items()
+    }
+
+    def clarabel_settings(tol: float) -> Any:
+        st = clarabel.DefaultSettings()
+        st.verbose = False
+        for k in ("tol_gap_abs", "tol_gap_rel", "tol_feas"):
+            setattr(st, k, tol)
+        st.tol_ktratio = min(1e-6, 100 * tol)
+        st.max_iter = 500
+        return st
+
+    for i in range(B):
+        Qi = 0.5 * (Q[i] + Q[i].T)
+        rows = ([A[i]] if p else []) + ([G[i]] if m else [])  # type: ignore[index]
+        rhs = ([b[i]] if p else []) + ([h[i]] if m else [])  # type: ignore[index]
+        cones = ([clarabel.ZeroConeT(p)] if p else []) + (
+            [clarabel.NonnegativeConeT(m)] if m else []
+        )
+        C = torch.cat(rows).numpy() if rows else np.zeros((0, n))
+        d = torch.cat(rhs).numpy() if rhs else np.zeros(0)
+        # Clarabel only has to find the active set, which needs moderate accuracy; at 1e-12 it
+        # sometimes stalls with an inaccurate answer, so fall back to looser tolerances.
+        for tol in (1e-10, 1e-8):
+            sol = clarabel.DefaultSolver(
+                sp.triu(sp.csc_matrix(Qi.numpy())).tocsc(),
+                q[i].numpy(),
+                sp.csc_matrix(C),
+                d,
+                cones,
+                clarabel_settings(tol),
+            ).solve()
+            if str(sol.status) == "Solved":
+                break
+        z = torch.as_tensor(np.asarray(sol.z))
+        if m:
+            lam = z[p:]
+            slack = h[i] - G[i] @ torch.as_tensor(np.asarray(sol.x))  # type: ignore[index]
+            act = lam > slack
+            degenerate += int(((lam.abs() < 1e-7) & (slack.abs() < 1e-7)).sum())
+            Ga = G[i][act]  # type: ignore[index]
+        else:
+            act = torch.zeros(0, dtype=torch.bool)
+            Ga = Q.new_zeros(0, n)
+        Cm = torch.cat([Ga] + ([A[i]] if p else []))  # type: ignore[index]
+        k, r = Ga.shape[0], Cm.shape[0]
+        K = torch.zeros(n + r, n + r, dtype=torch.float64)
+        K[:n, :n], K[:n, n:], K[n:, :n] = Qi, Cm.T, Cm
+        rhs_p = torch.cat(
+            [
+                -q[i],
+                h[i][act] if m else q.new_zeros(0),  # type: ignore[index]
+                b[i] if p else q.new_zeros(0),
+            ]
+        )  # type: ignore[index]
+        sol_p = torch.linalg.solve(K, rhs_p)
+        x, y = sol_p[:n], sol_p[n:]
+        lam_a, nu = y[:k], y[k:]
+        adj = torch.linalg.solve(K, torch.cat([-gx[i], q.new_zeros(r)]))
+        dx, dla, dnu = adj[:n], adj[n : n + k], adj[n + k :]
+        grads["Q"][i] = 0.5 * (torch.outer(dx, x) + torch.outer(x, dx))  # type: ignore[index]
+        grads["q"][i] = dx  # type: ignore[index]
+        if m:
+            gG = torch.zeros(m, n, dtype=torch.float64)
+            gG[act] = torch.outer(lam_a, dx) + torch.outer(dla, x)
+            gh = torch.zeros(m, dtype=torch.float64)
+            gh[act] = -dla
+            grads["G"][i], grads["h"][i] = gG, gh  # type: ignore[index]
+            inactive_slack = (h[i] - G[i] @ x)[~act]  # type: ignore[index]
+            ok &= bool((lam_a >= -1e-9).all()) and bool((inactive_slack >= -1e-9).all())
+        if p:
+            grads["A"][i] = torch.outer(nu, dx) + torch.outer(dnu, x)  # type: ignore[index]
+            grads["b"][i] = -dnu  # type: ignore[index]
+        xs.append(x)
+    return Reference(torch.stack(xs), grads, ok, degenerate)
+
+
+# ----------------------------------------------------------------------------------------------
+# Methods
+# ----------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """qpth crashes intermittently with more than one torch thread on this torch version."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def make_method(name: str, n: int, m: int, p: int) -> Callable[..., torch.Tensor]:
+    """``f(Q, q, G, h, A, b) -> x (B, n)`` for a method name (constraints may be None)."""
+    if name in BACKENDS:
+        return lambda *a: qp(*a, backend=name)  # type: ignore[return-value]
+    if name == "qpth-default":
+        from qpth.qp import QPFunction
+
+        def run_qpth(Q, q, G, h, A, b):
+            if A is None:
+                A = b = torch.Tensor().to(q)
+            with _one_thread():
+                return QPFunction()(Q, q, G, h, A, b)
+
+        return run_qpth
+    if name == "cvxpylayers-default":
+        import cvxpy as cp
+        from cvxpylayers.torch import CvxpyLayer
+
+        x = cp.Variable(n)
+        F, qv = cp.Parameter((n, n)), cp.Parameter(n)
+        params, cons = [F, qv], []
+        if m:
+            Gv, hv = cp.Parameter((m, n)), cp.Parameter(m)
+            params += [Gv, hv]
+            cons.append(Gv @ x <= hv)
+        if p:
+            Av, bv = cp.Parameter((p, n)), cp.Parameter(p)
+            params += [Av, bv]
+            cons.append(Av @ x == bv)
+        prob = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(F @ x) + qv @ x), cons)
+        layer = CvxpyLayer(prob, parameters=params, variables=[x])
+
+        def run_cvxpylayers(Q, q, G, h, A, b):
+            F = torch.linalg.cholesky(0.5 * (Q + Q.mT)).mT  # Q = F'F, differentiable
+            args = [F, q] + ([G, h] if m else []) + ([A, b] if p else [])
+            return layer(*args)[0]
+
+        return run_cvxpylayers
+    raise ValueError(f"unknown method {name!r}")
+
+
+def available(name: str, n: int = 0, max_diffcp_n: int = 1 << 30) -> str | None:
+    """None if the method can run here, else why not."""
+    uses_diffcp = name == "cvxpylayers-default" or (
+        name in BACKENDS and BACKENDS[name].kind == "cvxpylayers" and BACKENDS[name].solver is None
+    )
+    if uses_diffcp and n > max_diffcp_n:
+        gib = 3 * n**3 * 8 / 2**30
+        return f"n={n} > --max-diffcp-n {max_diffcp_n} (canonicalization needs ~{gib:.0f} GiB)"
+    need = {"qpth-default": "qpth", "cvxpylayers-default": "cvxpylayers"}.get(name)
+    if name in BACKENDS:
+        need = BACKENDS[name].needs
+    try:
+        importlib.import_module(need)  # type: ignore[arg-type]
+    except ImportError:
+        return f"{need} not installed"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Measurements
+# ----------------------------------------------------------------------------------------------
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class _PeakRSS:
+    """Samples the resident set size in a thread; ``peak - start`` in MB."""
+
+    def __enter__(self) -> _PeakRSS:
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        self.start = self.peak = _rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss_bytes())
+            time.sleep(0.0005)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_bytes())
+
+    @property
+    def mb(self) -> float:
+        return (self.peak - self.start) / 2**20
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(
+    fn: Callable[..., torch.Tensor],
+    data: dict[str, torch.Tensor | None],
+    gx: torch.Tensor,
+    cfg: BenchConfig,
+) -> dict[str, Any]:
+    """Time, memory and gradients of one method on one batch."""
+    device = torch.device(cfg.device)
+
+    def once() -> tuple[float, float, list[torch.Tensor | None], torch.Tensor]:
+        ps = [
+            None if v is None else v.detach().clone().to(device).requires_grad_()
+            for v in data.values()
+        ]
+        _sync(device)
+        t0 = time.perf_counter()
+        x = fn(*ps)
+        _sync(device)
+        t1 = time.perf_counter()
+        (x * gx.to(x)).sum().backward()
+        _sync(device)
+        t2 = time.perf_counter()
+        return t1 - t0, t2 - t1, [None if t is None else t.grad for t in ps], x.detach()
+
+    t0 = time.perf_counter()
+    once()
+    first = time.perf_counter() - t0
+    for _ in range(cfg.warmup - 1):
+        once()
+    repeats = cfg.repeats if first <= cfg.max_seconds else 1
+    fwd, bwd = [], []
+    grads: list[torch.Tensor | None] = []
+    x = gx
+    for _ in range(repeats):
+        f, b, grads, x = once()
+        fwd.append(f)
+        bwd.append(b)
+    mem = None
+    if cfg.memory:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            once()
+            mem = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+        else:
+            with _PeakRSS() as peak:
+                once()
+            mem = peak.mb
+    tot = [f + b for f, b in zip(fwd, bwd)]
+    return {
+        "first_call_s": first,
+        "fwd_ms": 1e3 * statistics.median(fwd),
+        "bwd_ms": 1e3 * statistics.median(bwd),
+        "fwd_bwd_ms": 1e3 * statistics.median(tot),
+        "fwd_bwd_min_ms": 1e3 * min(tot),
+        "peak_mem_mb": mem,
+        "grads": grads,
+        "x": x.cpu(),
+    }
+
+
+def _rel(a: torch.Tensor | None, b: torch.Tensor | None, floor: float = 1e-300) -> float | None:
+    """``|a - b| / max(|b|, floor)`` (Frobenius)."""
+    if a is None or b is None:
+        return None
+    a = a.detach().cpu().to(torch.float64)
+    return float((a - b).norm() / max(float(b.norm()), floor))
+
+
+def grad_errors(grads: list[torch.Tensor | None], ref: Reference) -> dict[str, float | None]:
+    """Relative error per input, and ``all`` for the six gradients stacked. An input whose
+    reference gradient is (near) zero -- ``x`` may not depend on it -- is measured against 1e-6
+    of the total gradient norm instead of its own."""
+    refs = [ref.grads[k] for k in INPUTS]
+    total = math.sqrt(sum(float(r.norm()) ** 2 for r in refs if r is not None))
+    out: dict[str, float | None] = {
+        k: _rel(g, r, 1e-6 * total) for k, g, r in zip(INPUTS, grads, refs)
+    }
+    pairs = [(g, r) for g, r in zip(grads, refs) if g is not None and r is not None]
+    diff = math.sqrt(sum(float((g.detach().cpu() - r).norm()) ** 2 for g, r in pairs))
+    out["all"] = diff / max(total, 1e-300)
+    return out
+
+
+def machine_info(cfg: BenchConfig) -> dict[str, Any]:
+    versions = {}
+    for pkg in (
+        "torch",
+        "numpy",
+        "cvxpy",
+        "cvxpylayers",
+        "diffcp",
+        "clarabel",
+        "scs",
+        "ecos",
+        "moreau",
+        "qpth",
+    ):
+        try:
+            versions[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            versions[pkg] = None
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "affinity_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "torch_threads": torch.get_num_threads(),
+        "device": cfg.device,
+        "versions": versions,
+    }
+    if cfg.device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(torch.device(cfg.device))
+    return info
+
+
+def targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The issue's targets per size: the default backend's gradient error <= 1e-5, and its
+    forward+backward time against the fastest peer (ratio <= 1 meets it)."""
+    out: dict[str, Any] = {}
+    for size in dict.fromkeys(r["size"] for r in rows):
+        sel = {r["method"]: r for r in rows if r["size"] == size and r["status"] == "ok"}
+        d = sel.get(DEFAULT_BACKEND)
+        peers = {k: float(v["fwd_bwd_ms"]) for k, v in sel.items() if k in PEERS}
+        entry: dict[str, Any] = {"default_backend": DEFAULT_BACKEND}
+        if d is not None:
+            err = _num(d.get("max_grad_err"))
+            entry["default_grad_err"] = err
+            entry["grad_target_met"] = err is not None and err <= GRAD_TARGET
+            if peers:
+                best = min(peers, key=peers.get)  # type: ignore[arg-type]
+                entry["fastest_peer"] = best
+                entry["time_ratio_vs_fastest_peer"] = float(d["fwd_bwd_ms"]) / peers[best]
+                entry["time_target_met"] = entry["time_ratio_vs_fastest_peer"] <= 1.0
+        fastest = min(sel, key=lambda k: float(sel[k]["fwd_bwd_ms"]), default=None)
+        entry["fastest_method"] = fastest
+        out[size] = entry
+    return out
+
+
+def _num(v: Any) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(f) else f
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Forward+backward time (forward part hatched) and max gradient error, per size."""
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    sizes = list(dict.fromkeys(r["size"] for r in rows))
+    fig, axes = plt.subplots(2, len(sizes), figsize=(4.5 * len(sizes), 7), squeeze=False)
+    for j, size in enumerate(sizes):
+        sel = [r for r in rows if r["size"] == size and r["status"] == "ok"]
+        names = [r["method"] for r in sel]
+        ypos = np.arange(len(sel))
+        tot = [_num(r["fwd_bwd_ms"]) or 0.0 for r in sel]
+        fwd = [_num(r["fwd_ms"]) or 0.0 for r in sel]
+        colors = [
+            "tab:red" if nm == DEFAULT_BACKEND else "tab:gray" if nm in PEERS else "tab:blue"
+            for nm in names
+        ]
+        ax = axes[0, j]
+        ax.barh(ypos, tot, color=colors)
+        ax.barh(ypos, fwd, color="none", hatch="//", edgecolor="k", linewidth=0)
+        ax.set_xscale("log")
+        ax.set_yticks(ypos, names)
+        ax.set_xlabel("forward+backward (ms), forward hatched")
+        r0 = sel[0] if sel else {}
+        dims = ", ".join(
+            f"{k}={int(_num(r0.get(c)) or 0)}"
+            for k, c in (("B", "batch"), ("n", "n"), ("m", "m"), ("p", "p"))
+        )
+        ax.set_title(f"{size}: {dims}")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax = axes[1, j]
+        errs = [max(_num(r["max_grad_err"]) or 1e-17, 1e-17) for r in sel]
+        ax.barh(ypos, errs, color=colors)
+        ax.axvline(GRAD_TARGET, color="k", linestyle="--", linewidth=1)
+        ax.set_xscale("log")
+        ax.set_yticks(ypos, names)
+        ax.set_xlabel("max relative gradient error (dashed: 1e-5)")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    cfg = parse_config(BenchConfig, argv, description=__doc__.split("\n\n")[0])
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda but CUDA is not available")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "config.json", asdict(cfg))
+    csv_path = out / "bench_qp.csv"
+    done: set[tuple[str, str]] = set()
+    if cfg.resume and csv_path.exists():
+        done = {(str(r["size"]), str(r["method"])) for r in read_csv(csv_path)}
+    elif csv_path.exists():
+        csv_path.unlink()
+    table = QUICK_SIZES if cfg.quick else SIZES
+    todo = [(s, mt) for s in cfg.sizes for mt in cfg.methods if (s, mt) not in done]
+    bar = tqdm(todo, desc="bench_qp", unit="point")
+    refs: dict[str, tuple[dict[str, torch.Tensor | None], torch.Tensor, Reference]] = {}
+    for size, method in bar:
+        bar.set_postfix_str(f"{size} {method}")
+        B, n, m, p, dens = table[size]
+        if size not in refs:
+            data = random_qp(B, n, m, p, density=dens, seed=cfg.seed)
+            gx = torch.randn(
+                B, n, generator=torch.Generator().manual_seed(cfg.seed + 1), dtype=torch.float64
+            )
+            refs[size] = (data, gx, reference(data, gx))
+        data, gx, ref = refs[size]
+        row: dict[str, Any] = {k: None for k in FIELDS}
+        row.update(
+            size=size, method=method, batch=B, n=n, m=m, p=p, density=dens, status="ok", error=""
+        )
+        why = available(method, n, cfg.max_diffcp_n)
+        if why:
+            row.update(status="skipped", error=why)
+        else:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    res = measure(make_method(method, n, m, p), data, gx, cfg)
+                row.update({k: v for k, v in res.items() if k in FIELDS})
+                errs = grad_errors(res["grads"], ref)
+                for k in INPUTS:
+                    row[f"grad_err_{k}"] = errs[k]
+                present = [e for k, e in errs.items() if e is not None and k != "all"]
+                present = [math.inf if math.isnan(e) else e for e in present]  # NaN gradients
+                row["max_grad_err"] = max(present) if present else None
+                row["grad_err_all"] = math.inf if math.isnan(errs["all"]) else errs["all"]
+                row["x_err"] = _rel(res["x"], ref.x)
+            except Exception as err:  # a solver failure is a result, not a crash
+                msg = next((ln for ln in str(err).splitlines() if ln.strip()), "")
+                row.update(status="failed", error=f"{type(err).__name__}: {msg}"[:300])
+        append_csv(csv_path, row)
+    rows = read_csv(csv_path) if csv_path.exists() else []
+    for size, (_, _, ref) in refs.items():
+        if not ref.ok or ref.degenerate:
+            warnings.warn(
+                f"{size}: reference ok={ref.ok}, degenerate constraints {ref.degenerate}",
+                stacklevel=1,
+            )
+    summary = {
+        "machine": machine_info(cfg),
+        "config": asdict(cfg),
+        "sizes": {s: dict(zip(("batch", "n", "m", "p", "density"), table[s])) for s in cfg.sizes},
+        "reference": {s: {"ok": r[2].ok, "degenerate": r[2].degenerate} for s, r in refs.items()},
+        "targets": targets(rows),
+        "rows": rows,
+    }
+    write_json(out / "bench_qp.json", summary)
+    if rows:
+        plot(rows, out / "bench_qp.png")
+    for size, t in summary["targets"].items():
+        print(f"{size}: {t}")
+    return summary
+
+
+if __name__ == "__main__":
+    run_main(main)
