@@ -16,11 +16,11 @@ import torch.nn.functional as F
 from tasks.cli import parse_config, run_main, write_json
 from tasks.data import DATASETS, load_dataset
 from tasks.models import Classifier, embed, make_backbone
-from tasks.training import Trainer, seed_everything
+from tasks.training import RunFlags, Trainer, seed_everything
 
 
 @dataclass
-class BaselineConfig:
+class BaselineConfig(RunFlags):
     """CNN baseline: backbone + linear head + cross-entropy."""
 
     dataset: str = field(default="mnist5k", metadata={"choices": list(DATASETS), "help": "data"})
@@ -38,11 +38,6 @@ class BaselineConfig:
     )
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
     weight_decay: float = field(default=5e-4, metadata={"help": "SGD weight decay"})
-    resume: bool = field(default=False, metadata={"help": "continue from --out/ckpt.pt"})
-    device: str = field(default="cpu", metadata={"help": "torch device (cpu, cuda)"})
-    out: str = field(default="", metadata={"help": "output folder"})
-    seed: int = field(default=0, metadata={"help": "seed of initialisation and sampling"})
-    progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
     def validate(self) -> None:
         for name in ("batch_size", "num_epochs"):
@@ -62,16 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
         momentum=cfg.momentum,
         weight_decay=cfg.weight_decay,
     )
-    trainer = Trainer(
-        model,
-        optimizer,
-        out=cfg.out,
-        config=asdict(cfg),
-        resume=cfg.resume,
-        device=cfg.device,
-        seed=cfg.seed,
-        progress=cfg.progress,
-    )
+    trainer = Trainer.from_flags(model, optimizer, cfg)
     dev, n = trainer.device, len(data.train_y)
 
     def accuracy(m, x, y) -> float:

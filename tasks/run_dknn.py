@@ -21,13 +21,13 @@ from layers.knn import DKNN, knn_vote, nearest_neighbors
 from tasks.cli import UserError, parse_config, run_main, write_json
 from tasks.data import DATASETS, load_dataset
 from tasks.models import embed, make_backbone
-from tasks.training import Trainer, seed_everything
+from tasks.training import RunFlags, Trainer, seed_everything
 
 SORTS = ["neuralsort", "lp-topk", "sinkhorn"]
 
 
 @dataclass
-class DKNNConfig:
+class DKNNConfig(RunFlags):
     """Differentiable kNN: learn an embedding whose hard kNN classifies well."""
 
     k: int = field(default=3, metadata={"help": "number of neighbours"})
@@ -54,11 +54,6 @@ class DKNNConfig:
     )
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
     weight_decay: float = field(default=5e-4, metadata={"help": "SGD weight decay"})
-    resume: bool = field(default=False, metadata={"help": "continue from --out/ckpt.pt"})
-    device: str = field(default="cpu", metadata={"help": "torch device (cpu, cuda)"})
-    out: str = field(default="", metadata={"help": "output folder"})
-    seed: int = field(default=0, metadata={"help": "seed of initialisation and sampling"})
-    progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
     def validate(self) -> None:
         if self.k < 1:
@@ -108,16 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     sort_kwargs = {"num_samples": cfg.num_samples} if cfg.method == "stochastic" else {}
     sort_name = "neuralsort-stochastic" if cfg.method == "stochastic" else cfg.sort
     dknn = DKNN(cfg.k, sort_name, tau=cfg.tau, **sort_kwargs)
-    trainer = Trainer(
-        model,
-        optimizer,
-        out=cfg.out,
-        config=asdict(cfg),
-        resume=cfg.resume,
-        device=cfg.device,
-        seed=cfg.seed,
-        progress=cfg.progress,
-    )
+    trainer = Trainer.from_flags(model, optimizer, cfg)
     dev = trainer.device
     acc = lambda m, qx, qy: knn_accuracy(  # noqa: E731
         m, data.train_x, data.train_y, qx, qy, cfg.k, data.num_classes, dev

@@ -25,13 +25,13 @@ from layers.sort import get_sort
 from tasks.cli import atomic_write_text, parse_config, run_main, write_json
 from tasks.data import MultiDigitSequences, load_dataset
 from tasks.models import SortCNN
-from tasks.training import Trainer, seed_everything
+from tasks.training import RunFlags, Trainer, seed_everything
 
 SORTS = ["neuralsort", "neuralsort-stochastic", "lp-permutahedron", "lp-birkhoff", "sinkhorn"]
 
 
 @dataclass
-class SortConfig:
+class SortConfig(RunFlags):
     """Train a CNN to sort multi-digit MNIST numbers through a relaxed permutation."""
 
     n: int = field(default=5, metadata={"help": "numbers per sequence"})
@@ -50,11 +50,6 @@ class SortConfig:
     download: bool = field(default=False, metadata={"help": "download MNIST if missing"})
     val_sequences: int = field(default=500, metadata={"help": "validation sequences"})
     test_sequences: int = field(default=2000, metadata={"help": "test sequences"})
-    resume: bool = field(default=False, metadata={"help": "continue from --out/ckpt.pt"})
-    device: str = field(default="cpu", metadata={"help": "torch device (cpu, cuda)"})
-    out: str = field(default="", metadata={"help": "output folder"})
-    seed: int = field(default=0, metadata={"help": "seed"})
-    progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
     def validate(self) -> None:
         if self.n < 2:
@@ -99,17 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     extra = {"num_samples": cfg.num_samples} if cfg.sort == "neuralsort-stochastic" else {}
     relax = get_sort(cfg.sort, tau=cfg.tau, **extra)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    trainer = Trainer(
-        model,
-        optimizer,
-        out=cfg.out,
-        config=asdict(cfg),
-        resume=cfg.resume,
-        monitor="val_exact",
-        device=cfg.device,
-        seed=cfg.seed,
-        progress=cfg.progress,
-    )
+    trainer = Trainer.from_flags(model, optimizer, cfg, monitor="val_exact")
     dev = trainer.device
     step_times: list[float] = []
 

@@ -20,6 +20,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +32,22 @@ from tqdm.auto import tqdm
 from tasks.cli import UserError, append_csv, atomic_save, atomic_write_text, write_json
 from tasks.plots import plot_learning_curves, read_csv
 
-__all__ = ["Trainer", "distributed_context", "seed_everything"]
+__all__ = ["RunFlags", "Trainer", "distributed_context", "seed_everything"]
 
 # Flags that may differ between a run and its resumption.
 RESUMABLE_KEYS = {"resume", "num_epochs", "device", "out", "progress"}
+
+
+@dataclass
+class RunFlags:
+    """Flags every training task shares; task configs inherit them (``--resume --device --out
+    --seed --progress``) and ``Trainer.from_flags`` reads them."""
+
+    resume: bool = field(default=False, metadata={"help": "continue from --out/ckpt.pt"})
+    device: str = field(default="cpu", metadata={"help": "torch device (cpu, cuda)"})
+    out: str = field(default="", metadata={"help": "output folder"})
+    seed: int = field(default=0, metadata={"help": "seed of initialisation and sampling"})
+    progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
 
 def seed_everything(seed: int) -> None:
@@ -116,6 +129,23 @@ class Trainer:
             self.train_model = self.model
         if self.rank == 0:
             write_json(self.out / "config.json", self.config)
+
+    @classmethod
+    def from_flags(
+        cls, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: RunFlags, **kwargs: Any
+    ) -> Trainer:
+        """A trainer configured by a task's config (a ``RunFlags`` dataclass), saved whole."""
+        return cls(
+            model,
+            optimizer,
+            out=cfg.out,
+            config=asdict(cfg),
+            resume=cfg.resume,
+            device=cfg.device,
+            seed=cfg.seed,
+            progress=cfg.progress,
+            **kwargs,
+        )
 
     # ------------------------------------------------------------------ checkpoints
     def _resume(self) -> None:
