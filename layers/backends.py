@@ -19,17 +19,23 @@ name             kind         good at (measured with tasks/bench_qp.py; gradient
 ===============  ===========  =====================================================================
 torch-ipm        torch        the default: dense QPs with up to a few thousand variables, any
                               batch, any device (pure torch; GPU untested so far), LPs and
-                              singular Q too. Gradients exact to
-                              ~1e-8 (tol 1e-12) for all six inputs and through the duals;
-                              equalities eliminated once by a null-space basis. Faster than qpth
-                              at every benchmark size. Cost grows as n^3 per element: not for
-                              very large sparse problems.
-moreau           cvxpylayers  large sparse problems and all cones (SOC, exponential, PSD) in a
-                              batched C++ interior point. Gradients only ~1e-4..1e-6 here, and
-                              wrong (rel. error ~0.5) for equality data when x is pinned by A.
+                              singular Q too. Gradients exact to ~1e-7 (tol 1e-12) for all six
+                              inputs and through the duals; equalities eliminated once by a
+                              null-space basis. Cost grows as n^3 per element. The only backend
+                              that finished the sparse QP (batch 32, n 1024) in
+                              tasks/compare_backends.py (qpth: > 300 s).
+moreau           cvxpylayers  all cones in a batched C++ solver. Its own defaults (solver
+                              'auto': active set on these QPs) gave exact gradients (~1e-13) as
+                              fast as torch-ipm on the small and dense QPs; the library's settings
+                              (interior point, tol 1e-10, max_iter 1000, chosen for TV, where
+                              max_iter 200 returned wrong answers) are 3-8x slower there with
+                              gradient errors 2e-5..8e-4 (see results/backends/report.md). The
+                              sort layers pass the active-set method themselves.
 diffcp-clarabel  cvxpylayers  any cone, accurate interior point, one CPU solve per element; the
                               quadratic objective goes through a second-order cone, so solutions
-                              and gradients are accurate to ~1e-6 only.
+                              and gradients are accurate to ~1e-6 only (on the small QP of
+                              compare_backends its solution failed layers.qp's 1e-5 KKT check;
+                              dense QP: gradient error 2e-5). With its defaults: 0.1-0.4.
 diffcp-ecos      cvxpylayers  small SOCPs/LPs; like diffcp-clarabel, ~1e-6.
 diffcp-scs       cvxpylayers  very large sparse conic problems where an interior point is too
                               costly; first-order, accurate (~1e-7..1e-10 here) only with the

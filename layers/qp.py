@@ -1021,7 +1021,8 @@ def qp(
         else:
             x, lam, nu = _run_cvxpylayers(P, backend, tuned, args)
     except SolverError as err:
-        raise SolverError(f"{err} {_diagnose(P)}".strip(), _failed_elements(P)) from err
+        msg = str(err).rstrip(". ")
+        raise SolverError(f"{msg}. {_diagnose(P)}".strip(), _failed_elements(P)) from err
 
     if sol is not None and not bool(sol.info.ok.all()):
         bad = sol.info.failed()

@@ -392,15 +392,23 @@ class _SortQPLayer(CvxpyProblemLayer):
         variable: Any,
         backend: str,
         moreau_options: dict[str, Any],
+        tuned: bool = True,
     ):
         size = sum(v.size for v in problem.variables()) + sum(c.size for c in problem.constraints)
         b = get_backend(backend)
         extra: dict[str, Any] = {}
-        if b.solver == "MOREAU":
+        if tuned and b.solver == "MOREAU":
             extra = dict(moreau_options)
-        elif b.solver is None and b.kind == "cvxpylayers" and size > _DENSE_DERIVATIVE_LIMIT:
+        elif (
+            tuned
+            and b.solver is None
+            and b.kind == "cvxpylayers"
+            and size > _DENSE_DERIVATIVE_LIMIT
+        ):
             extra["mode"] = "lsqr"
-        super().__init__(problem, parameters, [variable], backend=backend, solver_args=extra)
+        super().__init__(
+            problem, parameters, [variable], backend=backend, tuned=tuned, solver_args=extra
+        )
         self.param_ndims = [p.ndim for p in parameters]
 
     def solve(self, *params: torch.Tensor) -> torch.Tensor:
@@ -420,9 +428,13 @@ class _SortQPLayer(CvxpyProblemLayer):
         return x.reshape(*lead, *x.shape[1:]).to(device)
 
 
-@functools.cache
-def _qp_layer(kind: str, n: int, k: int, backend: str) -> _SortQPLayer:
-    """Build (once per process) the DPP problem ``kind`` for ``n`` items (and ``k``)."""
+def sort_qp_problem(kind: str, n: int, k: int = 0) -> tuple[Any, list[Any], Any]:
+    """The DPP CVXPY statement of an LP relaxation's regularized problem.
+
+    ``kind``: ``topk`` (``k`` needed), ``isotonic`` (the permutahedron projection's dual),
+    ``permutahedron-full`` or ``birkhoff``. Returns ``(problem, parameters, variable)``; each
+    call builds a new problem (a moreau layer must not share one with another layer).
+    """
     import cvxpy as cp
     import numpy as np
 
@@ -432,24 +444,22 @@ def _qp_layer(kind: str, n: int, k: int, backend: str) -> _SortQPLayer:
         prob = cp.Problem(
             cp.Minimize(0.5 * cp.sum_squares(y) - z @ y), [y >= 0, y <= 1, cp.sum(y) == k]
         )
-        params, var = [z], y
-    elif kind == "isotonic":
+        return prob, [z], y
+    if kind == "isotonic":
         # Projection onto the permutahedron, through its dual (Blondel et al. 2020, Prop. 3):
         # with s = z and w both sorted in descending order, the projection of z onto P(w) is
         # s - v (in that order), v = argmin_{v_1 >= ... >= v_n} |v - (s - w)|^2 / 2.
         # n variables, n - 1 two-term constraints, and no large partial sums (well conditioned).
         v, y = cp.Variable(n), cp.Parameter(n)
         cons = [v[: n - 1] >= v[1:]] if n > 1 else []
-        prob = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(v) - y @ v), cons)
-        params, var = [y], v
-    elif kind == "permutahedron-full":
+        return cp.Problem(cp.Minimize(0.5 * cp.sum_squares(v) - y @ v), cons), [y], v
+    if kind == "permutahedron-full":
         # The same projection with all facets: sum of the j largest entries <= c_j (O(n^2)).
         mu, z, c = cp.Variable(n), cp.Parameter(n), cp.Parameter(n)
         cons = [cp.sum(mu) == c[n - 1]]
         cons += [cp.sum_largest(mu, j) <= c[j - 1] for j in range(1, n)]
-        prob = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(mu) - z @ mu), cons)
-        params, var = [z, c], mu
-    elif kind == "birkhoff":
+        return cp.Problem(cp.Minimize(0.5 * cp.sum_squares(mu) - z @ mu), cons), [z, c], mu
+    if kind == "birkhoff":
         # argmax_{P doubly stochastic} <P, r t^T> - |P|_F^2 / 2  (t = scores / strength). One
         # column constraint is implied by the others and is dropped (keeps the KKT system
         # nonsingular).
@@ -458,12 +468,25 @@ def _qp_layer(kind: str, n: int, k: int, backend: str) -> _SortQPLayer:
         cons = [P >= 0, cp.sum(P, axis=1) == 1]
         if n > 1:
             cons.append(cp.sum(P, axis=0)[: n - 1] == 1)
-        prob = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(P) - (r @ P) @ t), cons)
-        params, var = [t], P
-    else:  # pragma: no cover - internal
-        raise ValueError(f"unknown problem kind {kind!r}")
+        return cp.Problem(cp.Minimize(0.5 * cp.sum_squares(P) - (r @ P) @ t), cons), [t], P
+    raise ValueError(f"unknown problem kind {kind!r}")
+
+
+def sort_qp_layer(
+    kind: str, n: int, k: int = 0, backend: str = DEFAULT_LP_BACKEND, tuned: bool = True
+) -> _SortQPLayer:
+    """A new layer for :func:`sort_qp_problem` on ``backend``: with the library's settings
+    (``tuned``) or with the solver's defaults."""
+    prob, params, var = sort_qp_problem(kind, n, k)
     ipm = kind == "birkhoff" and n > _BIRKHOFF_ACTIVE_SET_MAX_N
-    return _SortQPLayer(prob, params, var, backend, _MOREAU_IPM if ipm else _MOREAU_ACTIVE_SET)
+    options = _MOREAU_IPM if ipm else _MOREAU_ACTIVE_SET
+    return _SortQPLayer(prob, params, var, backend, options, tuned=tuned)
+
+
+@functools.cache
+def _qp_layer(kind: str, n: int, k: int, backend: str) -> _SortQPLayer:
+    """Build (once per process) the DPP problem ``kind`` for ``n`` items (and ``k``)."""
+    return sort_qp_layer(kind, n, k, backend)
 
 
 def _check_strength(value: float | torch.Tensor) -> float:

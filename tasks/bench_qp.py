@@ -212,6 +212,26 @@ class Reference:
     degenerate: int  # constraints with both multiplier and slack below 1e-7
 
 
+def _kkt_solve(K: torch.Tensor, rhs: torch.Tensor, n: int) -> torch.Tensor:
+    """Solve the KKT system ``K`` (``n`` primal rows first) by LU. A singular ``K`` (redundant
+    active constraints, hence non-unique multipliers: 2-D TV, whose grid has cycles) is solved
+    with ``-delta I`` on the multiplier block plus iterative refinement: the primal part is the
+    unique one, the multipliers one of the valid choices."""
+    try:
+        return torch.linalg.solve(K, rhs)
+    except torch.linalg.LinAlgError:
+        pass
+    delta = 1e-10 * float(K.abs().max())
+    Kr = K.clone()
+    idx = torch.arange(n, K.shape[0])
+    Kr[idx, idx] -= delta
+    lu = torch.linalg.lu_factor(Kr)
+    sol = torch.linalg.lu_solve(*lu, rhs.unsqueeze(-1)).squeeze(-1)
+    for _ in range(10):  # refine towards a solution of the singular (consistent) system
+        sol = sol + torch.linalg.lu_solve(*lu, (rhs - K @ sol).unsqueeze(-1)).squeeze(-1)
+    return sol
+
+
 def reference(data: dict[str, torch.Tensor | None], gx: torch.Tensor) -> Reference:
     """Clarabel's active set per element, then the exact KKT solves (see the module docstring)."""
     import clarabel
@@ -265,25 +285,39 @@ def reference(data: dict[str, torch.Tensor | None], gx: torch.Tensor) -> Referen
             slack = h[i] - G[i] @ torch.as_tensor(np.asarray(sol.x))  # type: ignore[index]
             act = lam > slack
             degenerate += int(((lam.abs() < 1e-7) & (slack.abs() < 1e-7)).sum())
-            Ga = G[i][act]  # type: ignore[index]
         else:
             act = torch.zeros(0, dtype=torch.bool)
-            Ga = Q.new_zeros(0, n)
-        Cm = torch.cat([Ga] + ([A[i]] if p else []))  # type: ignore[index]
-        k, r = Ga.shape[0], Cm.shape[0]
-        K = torch.zeros(n + r, n + r, dtype=torch.float64)
-        K[:n, :n], K[:n, n:], K[n:, :n] = Qi, Cm.T, Cm
-        rhs_p = torch.cat(
-            [
-                -q[i],
-                h[i][act] if m else q.new_zeros(0),  # type: ignore[index]
-                b[i] if p else q.new_zeros(0),
-            ]
-        )  # type: ignore[index]
-        sol_p = torch.linalg.solve(K, rhs_p)
-        x, y = sol_p[:n], sol_p[n:]
-        lam_a, nu = y[:k], y[k:]
-        adj = torch.linalg.solve(K, torch.cat([-gx[i], q.new_zeros(r)]))
+        # Polish the active set (at most 50 exchanges): drop constraints whose multiplier comes
+        # out negative, add violated ones, until the KKT point of the active set is optimal.
+        # Near-degenerate constraints that Clarabel's tolerance cannot place are settled here.
+        for _ in range(50):
+            Ga = G[i][act] if m else Q.new_zeros(0, n)  # type: ignore[index]
+            Cm = torch.cat([Ga] + ([A[i]] if p else []))  # type: ignore[index]
+            k, r = Ga.shape[0], Cm.shape[0]
+            K = torch.zeros(n + r, n + r, dtype=torch.float64)
+            K[:n, :n], K[:n, n:], K[n:, :n] = Qi, Cm.T, Cm
+            rhs_p = torch.cat(
+                [
+                    -q[i],
+                    h[i][act] if m else q.new_zeros(0),  # type: ignore[index]
+                    b[i] if p else q.new_zeros(0),
+                ]
+            )  # type: ignore[index]
+            sol_p = _kkt_solve(K, rhs_p, n)
+            x, y = sol_p[:n], sol_p[n:]
+            lam_a, nu = y[:k], y[k:]
+            if not m:
+                break
+            lam_max = float(lam_a.abs().max()) if k else 0.0
+            scale = 1e-12 * (1.0 + float(h[i].abs().max()) + lam_max)  # type: ignore[index]
+            full = torch.zeros(m, dtype=torch.float64)
+            full[act] = lam_a
+            viol = (h[i] - G[i] @ x) < -scale  # type: ignore[index]
+            drop = act & (full < -scale)
+            if not (viol.any() or drop.any()):
+                break
+            act = (act & ~drop) | (viol & ~act)
+        adj = _kkt_solve(K, torch.cat([-gx[i], q.new_zeros(r)]), n)
         dx, dla, dnu = adj[:n], adj[n : n + k], adj[n + k :]
         grads["Q"][i] = 0.5 * (torch.outer(dx, x) + torch.outer(x, dx))  # type: ignore[index]
         grads["q"][i] = dx  # type: ignore[index]

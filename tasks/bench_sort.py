@@ -26,6 +26,7 @@ import math
 import os
 import platform
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -35,7 +36,8 @@ from typing import Any
 
 import matplotlib
 
-matplotlib.use("Agg")
+if "ipykernel" not in sys.modules:  # scripts draw to files; notebooks keep their inline figures
+    matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 from tqdm.auto import tqdm

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import csv
+import sys
 from pathlib import Path
 
 import matplotlib
 
-matplotlib.use("Agg")
+if "ipykernel" not in sys.modules:  # scripts draw to files; notebooks keep their inline figures
+    matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 

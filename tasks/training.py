@@ -48,6 +48,13 @@ class RunFlags:
     out: str = field(default="", metadata={"help": "output folder"})
     seed: int = field(default=0, metadata={"help": "seed of initialisation and sampling"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
+    lr_schedule: str = field(
+        default="constant",
+        metadata={
+            "choices": ["constant", "cosine"],
+            "help": "learning rate over training: constant, or cosine decay to 0 by the last step",
+        },
+    )
 
 
 def seed_everything(seed: int) -> None:
@@ -101,7 +108,13 @@ class Trainer:
         device: str = "cpu",
         seed: int = 0,
         progress: bool = True,
+        lr_schedule: str = "constant",
     ):
+        if lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
+        self.lr_schedule = lr_schedule
+        for group in optimizer.param_groups:
+            group.setdefault("initial_lr", group["lr"])
         self.rank, self.world, self.device = distributed_context(device)
         self.model = model.to(self.device)
         self.optimizer = optimizer
@@ -144,6 +157,7 @@ class Trainer:
             device=cfg.device,
             seed=cfg.seed,
             progress=cfg.progress,
+            lr_schedule=getattr(cfg, "lr_schedule", "constant"),
             **kwargs,
         )
 
@@ -215,7 +229,8 @@ class Trainer:
                 disable=not self.progress,
                 leave=False,
             )
-            for _ in bar:
+            for i in bar:
+                self._set_lr((epoch - 1) * steps_per_epoch + i, num_epochs * steps_per_epoch)
                 self.optimizer.zero_grad(set_to_none=True)
                 logs = train_step(self.train_model, gen)
                 self.optimizer.step()
@@ -246,6 +261,15 @@ class Trainer:
         if self.world > 1:
             self._check_ranks_agree()
         return {"best_val": self.best_val, "best_epoch": self.best_epoch}
+
+    def _set_lr(self, step: int, total: int) -> None:
+        """Learning rate of ``step`` (0-based) out of ``total``: a function of the step alone,
+        so a resumed run follows the schedule of a straight one."""
+        if self.lr_schedule == "constant":
+            return
+        factor = 0.5 * (1.0 + math.cos(math.pi * step / max(1, total)))
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * factor
 
     def _check_ranks_agree(self) -> None:
         """All ranks must hold identical weights after DDP training; rank 0 records the check."""
