@@ -93,12 +93,22 @@ def run_main(main: Callable[[], Any]) -> None:
     """Run a task's ``main``: user mistakes print one line and exit 2, Ctrl-C exits 130."""
     try:
         main()
+        _leave_process_group()
     except (UserError, FileNotFoundError) as err:
         print(f"{Path(sys.argv[0]).name}: error: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print(f"{Path(sys.argv[0]).name}: interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def _leave_process_group() -> None:
+    """Under torchrun, leave the process group before exiting: a rank that exits with gloo's
+    threads still running can abort ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
