@@ -203,6 +203,18 @@ def _null_space(A: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
 
 
 @contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run the block with one torch thread, restoring the count after (it is process-wide).
+    qpth needs it: it crashes intermittently with more threads on this torch version."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
 def _threads_for(B: int, n: int, p: int, device: torch.device) -> Iterator[None]:
     """One torch thread for small CPU problems.
 
@@ -214,12 +226,8 @@ def _threads_for(B: int, n: int, p: int, device: torch.device) -> Iterator[None]
     if device.type != "cpu" or B * (n + p) ** 2 > _ONE_THREAD or torch.get_num_threads() == 1:
         yield
         return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _max_step(v: Tensor, dv: Tensor) -> Tensor:
@@ -931,21 +939,17 @@ def _run_qpth(P: _Problem, tuned: bool, args: dict[str, Any]):
         **args,
     }
     fn = QPFunction(**opts)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # qpth crashes intermittently with more threads on this torch
     try:
         inputs = [0.5 * (P.Q + P.Q.mT), P.q, G, h, A, b]  # qpth uses Q as given: symmetrize
         if not torch.is_grad_enabled() or not any(t.requires_grad for t in inputs):
             inputs[1] = P.q.detach().requires_grad_()  # build the graph to read the duals
-        with torch.enable_grad():
+        with torch.enable_grad(), one_thread():
             x = fn(*inputs)
     except RuntimeError as err:
         lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
         raise SolverError(
             f"backend 'qpth' failed: {' '.join(lines[:2])} (qpth needs Q positive definite)"
         ) from err
-    finally:
-        torch.set_num_threads(threads)
     ctx = x.grad_fn
     lam = ctx.lams.detach()[:, :m] if m else P.q.new_zeros(B, 0)
     nu = ctx.nus.detach() if p else P.q.new_zeros(B, 0)

@@ -50,7 +50,7 @@ import statistics
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,8 +60,9 @@ import torch
 from tqdm.auto import tqdm
 
 from layers.backends import BACKENDS, DEFAULT_BACKEND
-from layers.qp import qp
+from layers.qp import one_thread, qp
 from tasks.cli import UserError, append_csv, parse_config, run_main, write_json
+from tasks.plots import num as _num
 from tasks.plots import read_csv
 
 INPUTS = ("Q", "q", "G", "h", "A", "b")
@@ -341,17 +342,6 @@ def reference(data: dict[str, torch.Tensor | None], gx: torch.Tensor) -> Referen
 # ----------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """qpth crashes intermittently with more than one torch thread on this torch version."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def make_method(name: str, n: int, m: int, p: int) -> Callable[..., torch.Tensor]:
     """``f(Q, q, G, h, A, b) -> x (B, n)`` for a method name (constraints may be None)."""
     if name in BACKENDS:
@@ -362,7 +352,7 @@ def make_method(name: str, n: int, m: int, p: int) -> Callable[..., torch.Tensor
         def run_qpth(Q, q, G, h, A, b):
             if A is None:
                 A = b = torch.Tensor().to(q)
-            with _one_thread():
+            with one_thread():
                 return QPFunction()(Q, q, G, h, A, b)
 
         return run_qpth
@@ -593,14 +583,6 @@ def targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
         entry["fastest_method"] = fastest
         out[size] = entry
     return out
-
-
-def _num(v: Any) -> float | None:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return None if math.isnan(f) else f
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:

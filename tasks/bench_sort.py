@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 import os
 import platform
 import statistics
@@ -54,6 +53,7 @@ from layers.sort import (
     soft_rank,
 )
 from tasks.cli import append_csv, parse_config, run_main, write_json
+from tasks.plots import num as _num
 from tasks.plots import read_csv
 
 LP_METHODS = ("lp-topk", "lp-permutahedron", "soft-rank", "lp-birkhoff")
@@ -343,14 +343,6 @@ def _key(row: dict[str, Any]) -> tuple:
         row["device"],
         row.get("backend", ""),
     )
-
-
-def _num(v: Any) -> float | None:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return None if math.isnan(f) else f
 
 
 def targets(

@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import csv
+import math
 import sys
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
 if "ipykernel" not in sys.modules:  # scripts draw to files; notebooks keep their inline figures
     matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+
+
+def num(v: Any) -> float | None:
+    """A CSV/JSON cell as a float; None when empty, not a number or NaN."""
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(f) else f
 
 
 def read_csv(path: str | Path) -> list[dict[str, float | str]]:
