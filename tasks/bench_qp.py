@@ -15,9 +15,11 @@ Sizes (batch, n, inequalities, equalities, density):
 * ``sparse-p512`` -- the same with 512 equalities (not run by default).
 
 Methods: every backend of :func:`layers.qp.qp` (``torch-ipm``, ``moreau``, ``diffcp-*``,
-``qpth``, each with the library's settings), plus two peers used the way their documentation shows:
-``cvxpylayers-default`` (``CvxpyLayer`` with no solver arguments: diffcp, with ``Q`` entering as a
-Cholesky factor) and ``qpth-default`` (``QPFunction()``). All run side by side in one process on
+``qpth``, each with the library's settings), plus three peers used the way their documentation
+shows: ``cvxpylayers-default`` (``CvxpyLayer`` with no solver arguments: diffcp, with ``Q``
+entering as a Cholesky factor), ``moreau-default`` (the same layer with ``solver="MOREAU"`` and
+moreau's own settings: its active-set method on small QPs) and ``qpth-default``
+(``QPFunction()``). All run side by side in one process on
 the same problems, so their ratios are comparable even on a busy machine.
 
 Each measurement: a forward pass with every input requiring grad, then ``(x * g).sum().backward()``
@@ -79,7 +81,7 @@ QUICK_SIZES: dict[str, tuple[int, int, int, int, float]] = {
     "sparse-p512": (4, 64, 64, 32, 0.05),
 }
 DEFAULT_SIZES = ("small", "dense", "sparse")
-PEERS = ("cvxpylayers-default", "qpth-default")
+PEERS = ("cvxpylayers-default", "moreau-default", "qpth-default")
 METHODS = (*BACKENDS, *PEERS)
 GRAD_TARGET = 1e-5
 FIELDS = (
@@ -128,8 +130,8 @@ class BenchConfig:
     max_diffcp_n: int = field(
         default=256,
         metadata={
-            "help": "skip the diffcp methods above this n: CVXPY canonicalizes the n x n factor "
-            "parameter into ~3 n^3 integers (24 GiB at n = 1024)"
+            "help": "skip the CVXPY-based methods above this n: CVXPY canonicalizes the n x n "
+            "factor parameter into ~3 n^3 integers (24 GiB at n = 1024)"
         },
     )
     resume: bool = field(default=False, metadata={"help": "skip rows already in bench_qp.csv"})
@@ -356,7 +358,7 @@ def make_method(name: str, n: int, m: int, p: int) -> Callable[..., torch.Tensor
                 return QPFunction()(Q, q, G, h, A, b)
 
         return run_qpth
-    if name == "cvxpylayers-default":
+    if name in ("cvxpylayers-default", "moreau-default"):
         import cvxpy as cp
         from cvxpylayers.torch import CvxpyLayer
 
@@ -372,7 +374,8 @@ def make_method(name: str, n: int, m: int, p: int) -> Callable[..., torch.Tensor
             params += [Av, bv]
             cons.append(Av @ x == bv)
         prob = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(F @ x) + qv @ x), cons)
-        layer = CvxpyLayer(prob, parameters=params, variables=[x])
+        solver = "MOREAU" if name == "moreau-default" else None  # None: cvxpylayers' choice
+        layer = CvxpyLayer(prob, parameters=params, variables=[x], solver=solver)
 
         def run_cvxpylayers(Q, q, G, h, A, b):
             F = torch.linalg.cholesky(0.5 * (Q + Q.mT)).mT  # Q = F'F, differentiable
@@ -385,13 +388,15 @@ def make_method(name: str, n: int, m: int, p: int) -> Callable[..., torch.Tensor
 
 def available(name: str, n: int = 0, max_diffcp_n: int = 1 << 30) -> str | None:
     """None if the method can run here, else why not."""
-    uses_diffcp = name == "cvxpylayers-default" or (
-        name in BACKENDS and BACKENDS[name].kind == "cvxpylayers" and BACKENDS[name].solver is None
+    # every cvxpylayers method canonicalizes the (n, n) parameter F through CVXPY
+    uses_cvxpy = name in ("cvxpylayers-default", "moreau-default") or (
+        name in BACKENDS and BACKENDS[name].kind == "cvxpylayers"
     )
-    if uses_diffcp and n > max_diffcp_n:
+    if uses_cvxpy and n > max_diffcp_n:
         gib = 3 * n**3 * 8 / 2**30
         return f"n={n} > --max-diffcp-n {max_diffcp_n} (canonicalization needs ~{gib:.0f} GiB)"
     need = {"qpth-default": "qpth", "cvxpylayers-default": "cvxpylayers"}.get(name)
+    need = "moreau" if name == "moreau-default" else need
     if name in BACKENDS:
         need = BACKENDS[name].needs
     try:
@@ -504,12 +509,16 @@ def measure(
     }
 
 
-def _rel(a: torch.Tensor | None, b: torch.Tensor | None, floor: float = 1e-300) -> float | None:
-    """``|a - b| / max(|b|, floor)`` (Frobenius)."""
+def rel_error(
+    a: torch.Tensor | None, b: torch.Tensor | None, floor: float = 1e-300
+) -> float | None:
+    """``|a - b| / max(|b|, floor)`` (Frobenius), ``a`` moved to ``b``'s CPU float64; None if
+    either is None, inf if ``a`` holds NaN (so it fails every ``<=`` target)."""
     if a is None or b is None:
         return None
     a = a.detach().cpu().to(torch.float64)
-    return float((a - b).norm() / max(float(b.norm()), floor))
+    err = float((a - b).norm() / max(float(b.norm()), floor))
+    return math.inf if math.isnan(err) else err
 
 
 def grad_errors(grads: list[torch.Tensor | None], ref: Reference) -> dict[str, float | None]:
@@ -519,7 +528,7 @@ def grad_errors(grads: list[torch.Tensor | None], ref: Reference) -> dict[str, f
     refs = [ref.grads[k] for k in INPUTS]
     total = math.sqrt(sum(float(r.norm()) ** 2 for r in refs if r is not None))
     out: dict[str, float | None] = {
-        k: _rel(g, r, 1e-6 * total) for k, g, r in zip(INPUTS, grads, refs)
+        k: rel_error(g, r, 1e-6 * total) for k, g, r in zip(INPUTS, grads, refs)
     }
     pairs = [(g, r) for g, r in zip(grads, refs) if g is not None and r is not None]
     diff = math.sqrt(sum(float((g.detach().cpu() - r).norm()) ** 2 for g, r in pairs))
@@ -680,7 +689,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 present = [math.inf if math.isnan(e) else e for e in present]  # NaN gradients
                 row["max_grad_err"] = max(present) if present else None
                 row["grad_err_all"] = math.inf if math.isnan(errs["all"]) else errs["all"]
-                row["x_err"] = _rel(res["x"], ref.x)
+                row["x_err"] = rel_error(res["x"], ref.x)
             except Exception as err:  # a solver failure is a result, not a crash
                 msg = next((ln for ln in str(err).splitlines() if ln.strip()), "")
                 row.update(status="failed", error=f"{type(err).__name__}: {msg}"[:300])

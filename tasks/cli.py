@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import io
 import json
 import os
 import sys
@@ -141,6 +142,21 @@ def atomic_save(obj: Any, path: str | Path) -> None:
 
 def write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def write_csv(path: str | Path, rows: list[dict[str, Any]]) -> None:
+    """Write ``rows`` (dicts, possibly with different keys: the header is their union in first
+    seen order, missing cells empty) as one CSV file, atomically; floats with 6 significant
+    digits."""
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys, restval="", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in r.items()})
+    atomic_write_text(path, buf.getvalue())
 
 
 def append_csv(path: str | Path, row: dict[str, Any]) -> None:

@@ -76,8 +76,9 @@ from tasks.bench_qp import (
     measure,
     random_qp,
     reference,
+    rel_error,
 )
-from tasks.cli import UserError, atomic_write_text, parse_config, run_main, write_json
+from tasks.cli import UserError, atomic_write_text, parse_config, run_main, write_csv, write_json
 
 TARGET = 1e-5  # largest solution / gradient error a recommended backend may have
 LAYERS = ("qp", "tv", "lp-sort")
@@ -481,12 +482,6 @@ def problem_reference(prob: Problem, w: Tensor) -> Reference:
     return Reference(x, gd, ref.ok, time.perf_counter() - t0)
 
 
-def _rel(a: Tensor, b: Tensor) -> float:
-    a = a.detach().cpu().to(F64)
-    err = float((a - b).norm() / max(float(b.norm()), 1e-300))
-    return math.inf if math.isnan(err) else err
-
-
 def run_method(
     prob: Problem, name: str, w: Tensor, ref: Reference, cfg: CompareConfig
 ) -> dict[str, Any]:
@@ -522,7 +517,7 @@ def run_method(
     if name in prob.closed_form:
         row["note"] = "different relaxation: timing reference only"
         return row
-    row["x_err"] = _rel(res["x"], ref.x)
+    row["x_err"] = rel_error(res["x"], ref.x)
     pairs = [(g, ref.grads[k]) for g, k in zip(res["grads"], prob.inputs)]
     total = math.sqrt(sum(float(r.norm()) ** 2 for _, r in pairs))
     diff = math.sqrt(
@@ -535,7 +530,7 @@ def run_method(
     row["grad_err"] = math.inf if math.isnan(diff) else diff / max(total, 1e-300)
     for (g, r), k in zip(pairs, prob.inputs):
         if g is not None:
-            row[f"grad_err_{k}"] = _rel(g, r) if float(r.norm()) > 1e-12 * total else None
+            row[f"grad_err_{k}"] = rel_error(g, r) if float(r.norm()) > 1e-12 * total else None
     return row
 
 
@@ -828,7 +823,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             sys.stdout.flush()
     result = save(done=True)
     rows = result["rows"]
-    _write_csv(out / f"results-{device_kind}.csv", rows)
+    write_csv(out / f"results-{device_kind}.csv", rows)
     results = {
         f.stem.removeprefix("results-"): json.loads(f.read_text())
         for f in sorted(out.glob("results-*.json"))
@@ -896,34 +891,11 @@ def _rebuild_report(out: Path, merge_from: list[str]) -> dict[str, Any]:
     main_result = results.get("cpu") or next(iter(results.values()))
     if "cpu" in results:
         _write_recommendation(out, results["cpu"])
-        _write_csv(out / "results-cpu.csv", results["cpu"]["rows"])
+        write_csv(out / "results-cpu.csv", results["cpu"]["rows"])
     plot(main_result["rows"], out / "time_vs_error.png")
     report(out, results)
     print(f"report: {out / 'report.md'}")
     return main_result
-
-
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    keys: list[str] = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    lines = [",".join(keys)]
-    for r in rows:
-        lines.append(
-            ",".join(
-                '"' + str(r.get(k, "")).replace('"', "'") + '"'
-                if isinstance(r.get(k), str)
-                else (
-                    ""
-                    if r.get(k) is None
-                    else f"{r[k]:.6g}"
-                    if isinstance(r[k], float)
-                    else str(r[k])
-                )
-                for k in keys
-            )
-        )
-    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

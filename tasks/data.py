@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["DATASETS", "DataSplits", "DatasetNotFoundError", "load_dataset"]
+__all__ = ["DATASETS", "DataSplits", "DatasetNotFoundError", "load_dataset", "random_shift"]
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -274,6 +274,23 @@ def _split_train(name, train_x, train_y, test_x, test_y, spec: _Spec, seed: int)
 
 
 # --------------------------------------------------------------------------- denoising signals
+def random_shift(
+    x: torch.Tensor, max_shift: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Translate each image of ``x (B, C, H, W)`` by its own random offset of up to
+    ``max_shift`` pixels per axis, filling with zeros (the standard MNIST augmentation).
+    Offsets are drawn on the CPU from ``generator``, so a resumed run draws the same ones."""
+    if max_shift <= 0:
+        return x
+    B, _, H, W = x.shape
+    off = torch.randint(0, 2 * max_shift + 1, (2, B), generator=generator).to(x.device)
+    padded = torch.nn.functional.pad(x, (max_shift,) * 4)
+    rows = off[0, :, None, None] + torch.arange(H, device=x.device)[:, None]  # (B, H, 1)
+    cols = off[1, :, None, None] + torch.arange(W, device=x.device)  # (B, 1, W)
+    batch = torch.arange(B, device=x.device)[:, None, None]
+    return padded[batch, :, rows, cols].permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W)
+
+
 def make_denoising_data(
     n_samples: int = 10_000,
     seq_len: int = 100,

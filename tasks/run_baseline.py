@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from tasks.cli import parse_config, run_main, write_json
-from tasks.data import DATASETS, load_dataset
+from tasks.data import DATASETS, load_dataset, random_shift
 from tasks.models import Classifier, embed, make_backbone
 from tasks.training import RunFlags, Trainer, seed_everything
 
@@ -36,6 +36,10 @@ class BaselineConfig(RunFlags):
         default="auto",
         metadata={"choices": ["auto", "convnet", "resnet18"], "help": "network"},
     )
+    augment: int = field(
+        default=0,
+        metadata={"help": "random translations of up to this many pixels (0: none, as the paper)"},
+    )
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
     weight_decay: float = field(default=5e-4, metadata={"help": "SGD weight decay"})
 
@@ -43,6 +47,8 @@ class BaselineConfig(RunFlags):
         for name in ("batch_size", "num_epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.augment < 0:
+            raise ValueError(f"--augment must be >= 0 pixels, got {self.augment}")
         self.out = self.out or f"results/baseline/{self.dataset}-lr{self.nloglr:g}"
 
 
@@ -65,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     def train_step(net, gen):
         idx = torch.randint(n, (cfg.batch_size,), generator=gen)
-        logits = net(data.train_x[idx].to(dev))
+        logits = net(random_shift(data.train_x[idx], cfg.augment, gen).to(dev))
         loss = F.cross_entropy(logits, data.train_y[idx].to(dev))
         loss.backward()
         return {"loss": loss.item()}

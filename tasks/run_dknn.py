@@ -19,7 +19,7 @@ import torch
 
 from layers.knn import DKNN, knn_vote, nearest_neighbors
 from tasks.cli import UserError, parse_config, run_main, write_json
-from tasks.data import DATASETS, load_dataset
+from tasks.data import DATASETS, load_dataset, random_shift
 from tasks.models import embed, make_backbone
 from tasks.training import RunFlags, Trainer, seed_everything
 
@@ -52,10 +52,16 @@ class DKNNConfig(RunFlags):
         default="auto",
         metadata={"choices": ["auto", "convnet", "resnet18"], "help": "embedding network"},
     )
+    augment: int = field(
+        default=0,
+        metadata={"help": "random translations of up to this many pixels (0: none, as the paper)"},
+    )
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
     weight_decay: float = field(default=5e-4, metadata={"help": "SGD weight decay"})
 
     def validate(self) -> None:
+        if self.augment < 0:
+            raise ValueError(f"--augment must be >= 0 pixels, got {self.augment}")
         if self.k < 1:
             raise ValueError(f"--k must be >= 1, got {self.k}")
         if self.k > self.num_train_neighbors:
@@ -119,8 +125,9 @@ def main(argv: list[str] | None = None) -> dict:
     def train_step(net, gen):
         t0 = time.perf_counter()
         idx = torch.randperm(n_train, generator=gen)[: q + nb]
-        x, y = data.train_x[idx].to(dev), data.train_y[idx].to(dev)
-        e = net(x)  # one forward for queries and candidates (one DDP pass)
+        x, y = data.train_x[idx], data.train_y[idx].to(dev)
+        # one forward for queries and candidates (one DDP pass)
+        e = net(random_shift(x, cfg.augment, gen).to(dev))
         loss = dknn.loss(e[:q], e[q:], y[:q], y[q:])
         loss.backward()
         step_times.append(time.perf_counter() - t0)

@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.data import DATASETS, DatasetNotFoundError, load_dataset, read_idx, write_idx
+from tasks.data import (
+    DATASETS,
+    DatasetNotFoundError,
+    load_dataset,
+    random_shift,
+    read_idx,
+    write_idx,
+)
 
 
 def _check_splits(d, n_classes=10):
@@ -126,3 +133,16 @@ def test_missing_dataset_names_files_and_flag(tmp_path):
 def test_unknown_dataset():
     with pytest.raises(ValueError, match="choose one of"):
         load_dataset("imagenet")
+
+
+def test_random_shift_translates_each_image_and_is_seeded():
+    x = torch.rand(16, 2, 6, 7)
+    a = random_shift(x, 2, torch.Generator().manual_seed(3))
+    b = random_shift(x, 2, torch.Generator().manual_seed(3))
+    assert a.shape == x.shape and torch.equal(a, b)
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    for i in range(len(x)):  # every output is one window of the zero-padded image
+        windows = [padded[i, :, r : r + 6, c : c + 7] for r in range(5) for c in range(5)]
+        assert any(torch.equal(a[i], w) for w in windows)
+    assert not torch.equal(a, x)  # 16 images: some offset is non-zero
+    assert random_shift(x, 0) is x
