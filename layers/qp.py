@@ -53,6 +53,7 @@ __all__ = [
 _STALL = 20  # iterations without a 10% better merit before an element is stopped
 _SMALL = 64  # n + p up to which _KKT factorizes the augmented matrix with one LU
 _ONE_THREAD = 1 << 18  # B (n + p)^2 up to which the solver runs on one torch thread
+_REFINED = 1e-14  # relative residual at which the backward's refinement stops
 _STEP = 0.999  # fraction of the step to the boundary of s, lam >= 0
 _DCAP = 1e8  # cap on lam/s (relative to |Q|) in factorized matrices; refinement undoes it
 
@@ -637,7 +638,8 @@ def _kkt_adjoint(
 
     by eliminating ``w`` through the reduced matrix ``Q + G'diag(lam/s)G`` of the forward pass,
     with ``lam/s`` capped so it stays well conditioned (active constraints have ``s ~ 1e-14``),
-    and ``refine`` steps of iterative refinement on the full system to remove the cap's effect.
+    and up to ``refine`` steps of iterative refinement on the full system to remove the cap's
+    effect (they stop once the residual is at round-off level, relative ``_REFINED``).
     Then ``dQ = (dx x' + x dx')/2, dq = dx, dG = lam dx' + w x', dh = -w,
     dA = nu dx' + dnu x', db = -dnu``. Rows of ``G`` and ``A`` are scaled to unit norm inside.
     ``nullspace`` (from the forward pass, for the row-scaled ``A``) eliminates the equalities
@@ -683,10 +685,13 @@ def _kkt_adjoint(
 
     f1, f2, f3 = -gx.unsqueeze(-1), -glam.unsqueeze(-1) / gs, -gnu.unsqueeze(-1) / as_
     dx, w, dnu = reduced(f1, f2, f3)
-    for _ in range(refine):
+    for _ in range(refine):  # until the residual is at round-off level (usually after one)
         e1 = f1 - torch.bmm(Q, dx) - torch.bmm(Gs.mT, w) - torch.bmm(As.mT, dnu)
         e2 = f2 - torch.bmm(Gs, dx) + W * w
         e3 = f3 - torch.bmm(As, dx)
+        size = _amax(f1) + _amax(f2) + _amax(f3) + _amax(dx) * qdiag + _amax(w) + _amax(dnu)
+        if bool((_amax(e1) + _amax(e2) + _amax(e3) <= _REFINED * size).all()):
+            break
         cx, cw, cn = reduced(e1, e2, e3)
         dx, w, dnu = dx + cx, w + cw, dnu + cn
     dx, w, dnu = dx.squeeze(-1), (w / gs).squeeze(-1), (dnu / as_).squeeze(-1)
