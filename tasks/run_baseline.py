@@ -14,41 +14,27 @@ import torch
 import torch.nn.functional as F
 
 from tasks.cli import parse_config, run_main, write_json
-from tasks.data import DATASETS, load_dataset, random_shift
+from tasks.data import load_dataset, random_shift
 from tasks.models import Classifier, embed, make_backbone
-from tasks.training import RunFlags, Trainer, seed_everything
+from tasks.training import ImageTaskFlags, Trainer, seed_everything
 
 
 @dataclass
-class BaselineConfig(RunFlags):
+class BaselineConfig(ImageTaskFlags):
     """CNN baseline: backbone + linear head + cross-entropy."""
 
-    dataset: str = field(default="mnist5k", metadata={"choices": list(DATASETS), "help": "data"})
-    data_dir: str = field(default="data", metadata={"help": "torchvision data folder"})
-    download: bool = field(default=False, metadata={"help": "download the data set if missing"})
     nloglr: float = field(default=2.0, metadata={"help": "learning rate = 10**-nloglr"})
     batch_size: int = field(default=100, metadata={"help": "images per step"})
     num_epochs: int = field(default=10, metadata={"help": "epochs"})
     steps_per_epoch: int = field(
         default=0, metadata={"help": "steps per epoch (0: training size / batch_size)"}
     )
-    backbone: str = field(
-        default="auto",
-        metadata={"choices": ["auto", "convnet", "resnet18"], "help": "network"},
-    )
-    augment: int = field(
-        default=0,
-        metadata={"help": "random translations of up to this many pixels (0: none, as the paper)"},
-    )
-    momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
-    weight_decay: float = field(default=5e-4, metadata={"help": "SGD weight decay"})
 
     def validate(self) -> None:
+        super().validate()
         for name in ("batch_size", "num_epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        if self.augment < 0:
-            raise ValueError(f"--augment must be >= 0 pixels, got {self.augment}")
         self.out = self.out or f"results/baseline/{self.dataset}-lr{self.nloglr:g}"
 
 

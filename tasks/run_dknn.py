@@ -19,15 +19,15 @@ import torch
 
 from layers.knn import DKNN, knn_vote, nearest_neighbors
 from tasks.cli import UserError, parse_config, run_main, write_json
-from tasks.data import DATASETS, load_dataset, random_shift
+from tasks.data import load_dataset, random_shift
 from tasks.models import embed, make_backbone
-from tasks.training import RunFlags, Trainer, seed_everything
+from tasks.training import ImageTaskFlags, Trainer, seed_everything
 
 SORTS = ["neuralsort", "lp-topk", "sinkhorn"]
 
 
 @dataclass
-class DKNNConfig(RunFlags):
+class DKNNConfig(ImageTaskFlags):
     """Differentiable kNN: learn an embedding whose hard kNN classifies well."""
 
     k: int = field(default=3, metadata={"help": "number of neighbours"})
@@ -38,9 +38,6 @@ class DKNNConfig(RunFlags):
         metadata={"choices": ["deterministic", "stochastic"], "help": "NeuralSort variant"},
     )
     sort: str = field(default="neuralsort", metadata={"choices": SORTS, "help": "relaxation"})
-    dataset: str = field(default="mnist5k", metadata={"choices": list(DATASETS), "help": "data"})
-    data_dir: str = field(default="data", metadata={"help": "torchvision data folder"})
-    download: bool = field(default=False, metadata={"help": "download the data set if missing"})
     num_train_queries: int = field(default=100, metadata={"help": "queries per step"})
     num_train_neighbors: int = field(default=100, metadata={"help": "candidates per step"})
     num_samples: int = field(default=5, metadata={"help": "Plackett-Luce samples (stochastic)"})
@@ -48,20 +45,9 @@ class DKNNConfig(RunFlags):
     steps_per_epoch: int = field(
         default=0, metadata={"help": "steps per epoch (0: training size / num_train_queries)"}
     )
-    backbone: str = field(
-        default="auto",
-        metadata={"choices": ["auto", "convnet", "resnet18"], "help": "embedding network"},
-    )
-    augment: int = field(
-        default=0,
-        metadata={"help": "random translations of up to this many pixels (0: none, as the paper)"},
-    )
-    momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
-    weight_decay: float = field(default=5e-4, metadata={"help": "SGD weight decay"})
 
     def validate(self) -> None:
-        if self.augment < 0:
-            raise ValueError(f"--augment must be >= 0 pixels, got {self.augment}")
+        super().validate()
         if self.k < 1:
             raise ValueError(f"--k must be >= 1, got {self.k}")
         if self.k > self.num_train_neighbors:

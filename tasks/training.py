@@ -30,9 +30,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tasks.cli import UserError, append_csv, atomic_save, atomic_write_text, write_json
+from tasks.data import DATASETS
 from tasks.plots import plot_learning_curves, read_csv
 
-__all__ = ["RunFlags", "Trainer", "distributed_context", "seed_everything"]
+__all__ = ["ImageTaskFlags", "RunFlags", "Trainer", "distributed_context", "seed_everything"]
 
 # Flags that may differ between a run and its resumption.
 RESUMABLE_KEYS = {"resume", "num_epochs", "device", "out", "progress"}
@@ -55,6 +56,29 @@ class RunFlags:
             "help": "learning rate over training: constant, or cosine decay to 0 by the last step",
         },
     )
+
+
+@dataclass
+class ImageTaskFlags(RunFlags):
+    """Flags of the image tasks trained with SGD (dKNN and its CNN baseline)."""
+
+    dataset: str = field(default="mnist5k", metadata={"choices": list(DATASETS), "help": "data"})
+    data_dir: str = field(default="data", metadata={"help": "torchvision data folder"})
+    download: bool = field(default=False, metadata={"help": "download the data set if missing"})
+    backbone: str = field(
+        default="auto",
+        metadata={"choices": ["auto", "convnet", "resnet18"], "help": "network"},
+    )
+    augment: int = field(
+        default=0,
+        metadata={"help": "random translations of up to this many pixels (0: none, as the paper)"},
+    )
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
+    weight_decay: float = field(default=5e-4, metadata={"help": "SGD weight decay"})
+
+    def validate(self) -> None:
+        if self.augment < 0:
+            raise ValueError(f"--augment must be >= 0 pixels, got {self.augment}")
 
 
 def seed_everything(seed: int) -> None:

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,3 +17,14 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file():
         pytest.skip(f"real MNIST not found under {SHARED_DATA} (set OPTLAYERS_SHARED_DATA)")
     return SHARED_DATA
+
+
+def run_task(script: str, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    """Run ``tasks/<script>`` with ``args`` as a user would, capturing its output."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "tasks" / script), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=timeout,
+    )

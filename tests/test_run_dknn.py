@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
 from tasks import run_dknn
 from tasks.cli import UserError
-from tests.conftest import ROOT
+from tests.conftest import run_task
 
 TINY = ["--dataset", "digits", "--num_train_queries", "16", "--num_train_neighbors", "32"]
 TINY += ["--steps_per_epoch", "3", "--no-progress"]
@@ -29,13 +27,7 @@ def test_short_run_writes_results_and_augment_changes_training(tmp_path):
 
 
 def _cli(*args):
-    return subprocess.run(
-        [sys.executable, str(ROOT / "tasks" / "run_dknn.py"), *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=120,
-    )
+    return run_task("run_dknn.py", *args)
 
 
 @pytest.mark.parametrize(

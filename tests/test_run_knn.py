@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
 from tasks import run_knn
-from tests.conftest import ROOT
+from tests.conftest import run_task
 
 
 def test_run_knn_digits(tmp_path):
@@ -24,13 +22,7 @@ def test_run_knn_digits(tmp_path):
 
 
 def _cli(*args):
-    return subprocess.run(
-        [sys.executable, str(ROOT / "tasks" / "run_knn.py"), *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=120,
-    )
+    return run_task("run_knn.py", *args)
 
 
 @pytest.mark.parametrize(
