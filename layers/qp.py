@@ -256,24 +256,28 @@ def _empty_constraints(
 def kkt_residuals(
     Q: Tensor,
     q: Tensor,
-    G: Tensor,
-    h: Tensor,
-    A: Tensor,
-    b: Tensor,
+    G: Tensor | None,
+    h: Tensor | None,
+    A: Tensor | None,
+    b: Tensor | None,
     x: Tensor,
-    lam: Tensor,
-    nu: Tensor,
+    lam: Tensor | None,
+    nu: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Relative KKT residuals of ``(x, lam, nu)`` per batch element, each of shape ``(B,)``.
 
     Shapes: ``Q (B, n, n)``, ``q, x (B, n)``, ``G (B, m, n)``, ``h, lam (B, m)``, ``A (B, p, n)``,
-    ``b, nu (B, p)``; ``m`` or ``p`` may be 0.
+    ``b, nu (B, p)``; ``m`` or ``p`` may be 0, and absent constraints may be passed as None
+    (``G, h, lam`` together, ``A, b, nu`` together), as :func:`qp` takes them.
 
     Returns ``(primal, dual, complementarity)``:
     primal = max(|(Gx - h)_+|, |Ax - b|) / (1 + max(|h|, |b|)), plus the largest negative ``lam``;
     dual = |Qx + q + G'lam + A'nu| / (1 + max(|Qx|, |q|, |G'lam|, |A'nu|));
     complementarity = sum |lam_i (h - Gx)_i| / (1 + |objective|); all norms are max-norms.
     """
+    G, h, A, b = _empty_constraints(q, G, h, A, b)
+    lam = q.new_zeros(q.shape[0], 0) if lam is None else lam
+    nu = q.new_zeros(q.shape[0], 0) if nu is None else nu
     x, q, h, b, lam, nu = (t.unsqueeze(-1) for t in (x, q, h, b, lam, nu))
     Qx, Gtl, Atn = torch.bmm(Q, x), torch.bmm(G.mT, lam), torch.bmm(A.mT, nu)
     slack = h - torch.bmm(G, x)

@@ -205,6 +205,20 @@ def test_kkt_residuals_at_solution(solutions, backend):
     assert pres.max() < 1e-8 and dres.max() < 1e-5 and comp.max() < 1e-8
 
 
+def test_kkt_residuals_take_absent_constraints_as_none():
+    torch.manual_seed(0)
+    F = torch.randn(3, 4, 4, dtype=torch.float64)
+    Q, q = F @ F.mT + torch.eye(4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    G, h = torch.randn(3, 2, 4, dtype=torch.float64), torch.rand(3, 2, dtype=torch.float64)
+    x = torch.linalg.solve(Q, -q)  # unconstrained optimum
+    pres, dres, comp = kkt_residuals(Q, q, None, None, None, None, x, None, None)
+    assert pres.max() == 0 and dres.max() < 1e-12 and comp.max() == 0
+    x, lam = qp(Q, q, G, h, duals=True)[:2]
+    res = torch.stack(kkt_residuals(Q, q, G, h, None, None, x, lam, None))
+    assert res.max() < 1e-8
+    assert torch.stack(kkt_residuals(Q, q, G, h, None, None, x + 1, lam, None)).max() > 1e-3
+
+
 # ------------------------------------------------------------------------------------------------
 # Shapes, dtypes, broadcasting
 
