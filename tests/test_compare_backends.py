@@ -68,7 +68,11 @@ def test_quick_run_writes_report_json_plot_and_recommendation(tmp_path):
     assert closed and closed[0].get("x_err") is None
     rec = json.loads((out / "recommended.json").read_text())["recommended"]
     assert rec == {k: v["backend"] for k, v in res["recommended"].items()}
-    assert rec["tv"] == "native"
+    # one TV problem here: the recommendation is its fastest accurate tuned method (which one
+    # wins at this tiny size depends on the machine's load: native and torch-ipm are close)
+    tv = [r for r in rows if r["layer"] == "tv" and r.get("tuned") and cb.accurate(r)]
+    assert "native" in {r["method"] for r in tv}
+    assert rec["tv"] == min(tv, key=lambda r: r["fwd_bwd_ms"])["method"]
     report = (out / "report.md").read_text()
     assert "## lp-topk-30" in report and "**" in report
     assert "No GPU columns" in report or torch.cuda.is_available()
