@@ -63,7 +63,7 @@ from tqdm.auto import tqdm
 
 from layers.backends import BACKENDS, DEFAULT_BACKEND
 from layers.qp import one_thread, qp
-from tasks.cli import UserError, append_csv, parse_config, run_main, write_json
+from tasks.cli import append_csv, parse_config, run_main, set_up_torch, write_json
 from tasks.plots import num as _num
 from tasks.plots import read_csv
 
@@ -81,6 +81,8 @@ QUICK_SIZES: dict[str, tuple[int, int, int, int, float]] = {
     "sparse-p512": (4, 64, 64, 32, 0.05),
 }
 DEFAULT_SIZES = ("small", "dense", "sparse")
+# the peers that are a bare ``CvxpyLayer`` (no library code): method -> its ``solver`` argument
+RAW_CVXPYLAYERS = {"cvxpylayers-default": None, "moreau-default": "MOREAU"}
 PEERS = ("cvxpylayers-default", "qpth-default")  # the issue's peers: the time target is theirs
 # moreau with its own settings is one of the layer's backends used untuned, not a peer; it is
 # measured beside them so its (fast, active-set) defaults are visible
@@ -361,7 +363,7 @@ def make_method(name: str, n: int, m: int, p: int) -> Callable[..., torch.Tensor
                 return QPFunction()(Q, q, G, h, A, b)
 
         return run_qpth
-    if name in ("cvxpylayers-default", "moreau-default"):
+    if name in RAW_CVXPYLAYERS:
         import cvxpy as cp
         from cvxpylayers.torch import CvxpyLayer
 
@@ -377,8 +379,7 @@ def make_method(name: str, n: int, m: int, p: int) -> Callable[..., torch.Tensor
             params += [Av, bv]
             cons.append(Av @ x == bv)
         prob = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(F @ x) + qv @ x), cons)
-        solver = "MOREAU" if name == "moreau-default" else None  # None: cvxpylayers' choice
-        layer = CvxpyLayer(prob, parameters=params, variables=[x], solver=solver)
+        layer = CvxpyLayer(prob, parameters=params, variables=[x], solver=RAW_CVXPYLAYERS[name])
 
         def run_cvxpylayers(Q, q, G, h, A, b):
             F = torch.linalg.cholesky(0.5 * (Q + Q.mT)).mT  # Q = F'F, differentiable
@@ -392,14 +393,17 @@ def make_method(name: str, n: int, m: int, p: int) -> Callable[..., torch.Tensor
 def available(name: str, n: int = 0, max_diffcp_n: int = 1 << 30) -> str | None:
     """None if the method can run here, else why not."""
     # every cvxpylayers method canonicalizes the (n, n) parameter F through CVXPY
-    uses_cvxpy = name in ("cvxpylayers-default", "moreau-default") or (
+    uses_cvxpy = name in RAW_CVXPYLAYERS or (
         name in BACKENDS and BACKENDS[name].kind == "cvxpylayers"
     )
     if uses_cvxpy and n > max_diffcp_n:
         gib = 3 * n**3 * 8 / 2**30
         return f"n={n} > --max-diffcp-n {max_diffcp_n} (canonicalization needs ~{gib:.0f} GiB)"
-    need = {"qpth-default": "qpth", "cvxpylayers-default": "cvxpylayers"}.get(name)
-    need = "moreau" if name == "moreau-default" else need
+    need = {
+        "qpth-default": "qpth",
+        "cvxpylayers-default": "cvxpylayers",
+        "moreau-default": "moreau",
+    }.get(name)
     if name in BACKENDS:
         need = BACKENDS[name].needs
     try:
@@ -525,9 +529,9 @@ def rel_error(
 
 
 def grad_errors(grads: list[torch.Tensor | None], ref: Reference) -> dict[str, float | None]:
-    """Relative error per input, and ``all`` for the six gradients stacked. An input whose
-    reference gradient is (near) zero -- ``x`` may not depend on it -- is measured against 1e-6
-    of the total gradient norm instead of its own."""
+    """Relative error per input, and ``all`` for the six gradients stacked (NaN reads as inf,
+    as in :func:`rel_error`). An input whose reference gradient is (near) zero -- ``x`` may not
+    depend on it -- is measured against 1e-6 of the total gradient norm instead of its own."""
     refs = [ref.grads[k] for k in INPUTS]
     total = math.sqrt(sum(float(r.norm()) ** 2 for r in refs if r is not None))
     out: dict[str, float | None] = {
@@ -535,7 +539,7 @@ def grad_errors(grads: list[torch.Tensor | None], ref: Reference) -> dict[str, f
     }
     pairs = [(g, r) for g, r in zip(grads, refs) if g is not None and r is not None]
     diff = math.sqrt(sum(float((g.detach().cpu() - r).norm()) ** 2 for g, r in pairs))
-    out["all"] = diff / max(total, 1e-300)
+    out["all"] = math.inf if math.isnan(diff) else diff / max(total, 1e-300)
     return out
 
 
@@ -650,10 +654,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     matplotlib.use("Agg")
     cfg = parse_config(BenchConfig, argv, description=__doc__.split("\n\n")[0])
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda but CUDA is not available")
+    set_up_torch(cfg.threads, cfg.device)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", asdict(cfg))
@@ -694,9 +695,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 for k in INPUTS:
                     row[f"grad_err_{k}"] = errs[k]
                 present = [e for k, e in errs.items() if e is not None and k != "all"]
-                present = [math.inf if math.isnan(e) else e for e in present]  # NaN gradients
                 row["max_grad_err"] = max(present) if present else None
-                row["grad_err_all"] = math.inf if math.isnan(errs["all"]) else errs["all"]
+                row["grad_err_all"] = errs["all"]
                 row["x_err"] = rel_error(res["x"], ref.x)
             except Exception as err:  # a solver failure is a result, not a crash
                 msg = next((ln for ln in str(err).splitlines() if ln.strip()), "")

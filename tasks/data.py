@@ -273,7 +273,7 @@ def _split_train(name, train_x, train_y, test_x, test_y, spec: _Spec, seed: int)
     )
 
 
-# --------------------------------------------------------------------------- denoising signals
+# --------------------------------------------------------------------------- augmentation
 def random_shift(
     x: torch.Tensor, max_shift: int, generator: torch.Generator | None = None
 ) -> torch.Tensor:
@@ -291,6 +291,7 @@ def random_shift(
     return padded[batch, :, rows, cols].permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W)
 
 
+# --------------------------------------------------------------------------- denoising signals
 def make_denoising_data(
     n_samples: int = 10_000,
     seq_len: int = 100,
