@@ -52,7 +52,7 @@ from layers.sort import (
     StochasticNeuralSort,
     soft_rank,
 )
-from tasks.cli import append_csv, parse_config, run_main, write_json
+from tasks.cli import append_csv, parse_config, run_main, set_up_torch, write_json
 from tasks.plots import num as _num
 from tasks.plots import read_csv
 
@@ -436,13 +436,12 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = parse_config(BenchConfig, argv)
+    set_up_torch(cfg.threads, cfg.device)
     # moreau rebuilds its batch solver when the batch size changes; expected here
     warnings.filterwarnings("ignore", message="Batch size has changed")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", asdict(cfg))
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
     device, dtype = torch.device(cfg.device), getattr(torch, cfg.dtype)
     csv_path = out / "bench_sort.csv"
     if csv_path.exists() and not cfg.resume:

@@ -32,7 +32,7 @@ import torch
 
 from layers.backends import SolverError
 from layers.tv import TV_BACKENDS, difference_matrix, tv_denoise, tv_error_bound
-from tasks.cli import atomic_write_text, parse_config, run_main, write_json
+from tasks.cli import atomic_write_text, parse_config, run_main, set_up_torch, write_json
 from tasks.data import denoising_splits
 
 PEERS = ["qpth"]
@@ -205,8 +205,7 @@ def full_epoch(cfg: BenchConfig, noisy: torch.Tensor, clean: torch.Tensor, D0) -
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(BenchConfig, argv)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    set_up_torch(cfg.threads)
     tr_x, tr_y, _, _ = denoising_splits()
     n = tr_x.shape[1]
     g = torch.Generator().manual_seed(cfg.seed)

@@ -144,6 +144,15 @@ def write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
+def set_up_torch(threads: int, device: str = "cpu") -> None:
+    """What every benchmark does first: apply ``--threads`` (0 keeps torch's default) and check
+    that ``--device`` exists here (a one-line error, not a traceback, when CUDA is missing)."""
+    if threads:
+        torch.set_num_threads(threads)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device} but CUDA is not available on this machine")
+
+
 def write_csv(path: str | Path, rows: list[dict[str, Any]]) -> None:
     """Write ``rows`` (dicts, possibly with different keys: the header is their union in first
     seen order, missing cells empty) as one CSV file, atomically; floats with 6 significant

@@ -78,7 +78,15 @@ from tasks.bench_qp import (
     reference,
     rel_error,
 )
-from tasks.cli import UserError, atomic_write_text, parse_config, run_main, write_csv, write_json
+from tasks.cli import (
+    UserError,
+    atomic_write_text,
+    parse_config,
+    run_main,
+    set_up_torch,
+    write_csv,
+    write_json,
+)
 
 TARGET = 1e-5  # largest solution / gradient error a recommended backend may have
 LAYERS = ("qp", "tv", "lp-sort")
@@ -753,10 +761,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import sys
 
     cfg = parse_config(CompareConfig, argv, description=__doc__.split("\n\n")[0])
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda but CUDA is not available on this machine")
+    set_up_torch(cfg.threads, cfg.device)
     out = Path(cfg.out)
     if cfg.report_only:
         return _rebuild_report(out, cfg.merge_from)
