@@ -28,3 +28,12 @@ def run_task(script: str, *args: str, timeout: int = 120) -> subprocess.Complete
         cwd=ROOT,
         timeout=timeout,
     )
+
+
+def assert_one_line_error(r: subprocess.CompletedProcess, needle: str, out: Path) -> None:
+    """A refused command line: exit 2, one stderr line naming the problem, nothing written."""
+    assert r.returncode == 2, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, r.stderr
+    assert needle in lines[0] and "Traceback" not in r.stderr
+    assert not any(out.iterdir())

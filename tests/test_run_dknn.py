@@ -8,7 +8,7 @@ import pytest
 
 from tasks import run_dknn
 from tasks.cli import UserError
-from tests.conftest import run_task
+from tests.conftest import assert_one_line_error, run_task
 
 TINY = ["--dataset", "digits", "--num_train_queries", "16", "--num_train_neighbors", "32"]
 TINY += ["--steps_per_epoch", "3", "--no-progress"]
@@ -42,11 +42,7 @@ def _cli(*args):
 )
 def test_cli_errors_are_one_line(args, needle, tmp_path):
     r = _cli(*TINY, *args, "--out", str(tmp_path))
-    assert r.returncode == 2, r.stderr
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, r.stderr
-    assert needle in lines[0] and "Traceback" not in r.stderr
-    assert not any(tmp_path.iterdir())
+    assert_one_line_error(r, needle, tmp_path)
 
 
 def test_resume_with_other_flags_is_refused_and_keeps_the_checkpoint(tmp_path):

@@ -11,7 +11,7 @@ import torch
 from tasks import run_sort
 from tasks.data import MultiDigitSequences
 from tasks.models import SortCNN
-from tests.conftest import run_task
+from tests.conftest import assert_one_line_error, run_task
 
 TINY = ["--dataset", "mnist5k", "--n", "3", "--batch_size", "4", "--steps_per_epoch", "2"]
 TINY += ["--val_sequences", "20", "--test_sequences", "20", "--no-progress"]
@@ -83,8 +83,4 @@ def test_groupings_changes_training_and_is_recorded(tmp_path):
 )
 def test_cli_errors_are_one_line(args, needle, tmp_path):
     r = run_task("run_sort.py", *TINY, *args, "--out", str(tmp_path))
-    assert r.returncode == 2, r.stderr
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, r.stderr
-    assert needle in lines[0] and "Traceback" not in r.stderr
-    assert not any(tmp_path.iterdir())
+    assert_one_line_error(r, needle, tmp_path)
