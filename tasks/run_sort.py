@@ -71,8 +71,14 @@ class SortConfig(RunFlags):
             raise ValueError(f"--tau must be > 0, got {self.tau}")
         if not self.lr > 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
-        counts = ("batch_size", "groupings", "num_samples", "num_epochs", "steps_per_epoch")
-        for name in (*counts, "num_digits"):
+        for name in (
+            "batch_size",
+            "groupings",
+            "num_samples",
+            "num_epochs",
+            "steps_per_epoch",
+            "num_digits",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
         self.out = self.out or f"results/sort/n{self.n}-{self.sort}-t{self.tau:g}"
