@@ -353,14 +353,37 @@ class MultiDigitSequences:
             raise ValueError(f"n must be >= 2 to sort anything, got {n}")
         self.images, self.labels, self.n, self.num_digits = images, labels, n, num_digits
         self.place = 10 ** torch.arange(num_digits - 1, -1, -1)
+        self.by_label = torch.argsort(labels, stable=True)  # image indices, grouped by digit
+        self.counts = torch.bincount(labels, minlength=10)
+        self.starts = self.counts.cumsum(0) - self.counts
 
     def sample(
-        self, batch: int, generator: torch.Generator | None = None
+        self,
+        batch: int,
+        generator: torch.Generator | None = None,
+        shift: int = 0,
+        tied: float = 0.0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x, values)``: images ``(batch, n, 1, 28, 28 * num_digits)`` and the numbers they
-        show, ``(batch, n)`` float."""
-        idx = torch.randint(len(self.labels), (batch, self.n, self.num_digits), generator=generator)
+        show, ``(batch, n)`` float. ``shift > 0`` moves every digit by up to that many pixels
+        in each direction (zeros fill in; training augmentation). ``tied > 0``: that share of
+        the sequences have numbers with the same first ``j`` digits (``j`` uniform in ``1 ..
+        num_digits - 2``, different images of those digits), so that lower digits decide
+        their order (a training curriculum; 0 draws every digit independently)."""
+        size = (batch, self.n, self.num_digits)
+        idx = torch.randint(len(self.labels), size, generator=generator)
+        if tied > 0:
+            most = max(2, self.num_digits - 1)  # at most num_digits - 2 shared: few duplicates
+            prefix = torch.randint(1, most, (batch, 1, 1), generator=generator)
+            prefix *= torch.rand(batch, 1, 1, generator=generator) < tied
+            digit = torch.randint(10, (batch, 1, self.num_digits), generator=generator)
+            digit = digit.expand(size)
+            nth = (torch.rand(size, generator=generator) * self.counts[digit]).long()
+            same = self.by_label[self.starts[digit] + nth]  # an image of that digit
+            idx = torch.where(torch.arange(self.num_digits) < prefix, same, idx)
         digits = self.images[idx]  # (batch, n, l, 1, 28, 28)
+        if shift > 0:
+            digits = random_shift(digits.flatten(0, 2), shift, generator).reshape(digits.shape)
         x = digits.permute(0, 1, 3, 4, 2, 5).reshape(batch, self.n, 1, 28, 28 * self.num_digits)
         values = (self.labels[idx] * self.place).sum(-1).float()
         return x, values

@@ -11,6 +11,9 @@ The CNN is the whole cost of a step (the relaxations take about 1 % of it), so `
 scores the step's ``batch_size * n`` numbers once and sorts them in ``K`` random partitions into
 sequences of ``n``: every image then takes part in ``K`` sequences (more comparisons per CNN
 pass) at K times the relaxation's cost. ``--groupings 1`` is the paper's sampling.
+``--near_groupings J`` adds J groupings of numbers close in value (runs of n in value order), in
+which the lower digits decide the order; the CNN otherwise learns them last (uniform numbers mostly
+differ in their first digit).
 
 Writes config.json, metrics.csv, ckpt.pt, best.pt, curves.png and results.json to ``--out``, then
 refreshes the comparison over every finished run beside it (summary.md, summary.json,
@@ -52,6 +55,23 @@ class SortConfig(RunFlags):
             "random groupings into sequences of n (1: each number in one sequence, the paper)"
         },
     )
+    near_groupings: int = field(
+        default=0,
+        metadata={
+            "help": "add this many groupings of numbers close in value (runs of n in value "
+            "order), where the lower digits decide the order (0: none)"
+        },
+    )
+    tied: float = field(
+        default=0.0,
+        metadata={
+            "help": "share of training sequences whose numbers share their first digits (a "
+            "curriculum for the lower digits; 0: the paper's uniform numbers)"
+        },
+    )
+    shift: int = field(
+        default=0, metadata={"help": "move each training digit by up to this many pixels"}
+    )
     num_samples: int = field(default=5, metadata={"help": "samples (neuralsort-stochastic)"})
     num_epochs: int = field(default=10, metadata={"help": "epochs"})
     steps_per_epoch: int = field(default=500, metadata={"help": "steps per epoch"})
@@ -81,6 +101,11 @@ class SortConfig(RunFlags):
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("near_groupings", "shift"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.tied <= 1:
+            raise ValueError(f"--tied must be in [0, 1], got {self.tied}")
         self.out = self.out or f"results/sort/n{self.n}-{self.sort}-t{self.tau:g}"
 
 
@@ -94,6 +119,38 @@ def regroup(count: int, n: int, groupings: int, generator: torch.Generator) -> t
     """``(groupings * count / n, n)`` indices: ``groupings`` random partitions of ``count``
     items into sequences of ``n``, so that each item is in exactly ``groupings`` sequences."""
     return torch.rand(groupings, count, generator=generator).argsort(-1).reshape(-1, n)
+
+
+def near_groups(
+    values: torch.Tensor, n: int, groupings: int, generator: torch.Generator
+) -> torch.Tensor:
+    """``(groupings * count / n, n)`` indices into the ``count`` items of ``values``: each
+    grouping cuts the items, in value order rotated by a random offset, into runs of ``n``
+    consecutive ones (numbers close in value, so that their lower digits decide their order);
+    the items of a run come in random order."""
+    count = values.numel()
+    order = values.flatten().argsort().cpu()
+    offsets = torch.randint(count, (groupings, 1), generator=generator)
+    runs = order[(offsets + torch.arange(count)) % count].reshape(-1, n)
+    shuffle = torch.rand(runs.shape, generator=generator).argsort(-1)
+    return runs.gather(-1, shuffle)
+
+
+def pair_errors_by_digit(
+    scores: torch.Tensor, values: torch.Tensor, num_digits: int
+) -> tuple[list[int], list[int]]:
+    """``(wrong, pairs)``, one count per digit position (leading digit first): the pairs of
+    numbers in one sequence whose order that digit decides (their first differing digit), and
+    how many of them the scores put in the wrong order (ties in score count as wrong)."""
+    digits = values.long()[..., None] // 10 ** torch.arange(num_digits - 1, -1, -1) % 10
+    larger = values[..., :, None] > values[..., None, :]  # (..., n, n): pairs i > j
+    wrong = larger & (scores[..., :, None] <= scores[..., None, :])
+    differ = digits[..., :, None, :] != digits[..., None, :, :]
+    decider = differ.int().argmax(-1)  # the first differing digit
+    return (
+        [int((wrong & (decider == k)).sum()) for k in range(num_digits)],
+        [int((larger & (decider == k)).sum()) for k in range(num_digits)],
+    )
 
 
 def sort_accuracy(scores: torch.Tensor, values: torch.Tensor) -> tuple[float, float]:
@@ -130,10 +187,16 @@ def main(argv: list[str] | None = None) -> dict:
 
     def train_step(net, gen):
         t0 = time.perf_counter()
-        x, values = train.sample(cfg.batch_size, gen)
+        x, values = train.sample(cfg.batch_size, gen, shift=cfg.shift, tied=cfg.tied)
         scores, values = scores_of(net, x), values.to(dev)
-        if cfg.groupings > 1:  # the same scored numbers, sorted in more sequences
-            pick = regroup(cfg.batch_size * cfg.n, cfg.n, cfg.groupings, gen).to(dev)
+        if cfg.groupings > 1 or cfg.near_groupings:  # the same scores, in more sequences
+            parts = [
+                regroup(cfg.batch_size * cfg.n, cfg.n, cfg.groupings, gen),
+                near_groups(values, cfg.n, cfg.near_groupings, gen),
+            ]
+            if cfg.tied:  # the tied sequences, also sorted whole
+                parts.insert(0, torch.arange(cfg.batch_size * cfg.n).view(-1, cfg.n))
+            pick = torch.cat(parts).to(dev)
             scores, values = scores.flatten()[pick], values.flatten()[pick]
         p_true = true_permutation(values)
         p_hat = relax(scores)  # (..., b, n, n); stochastic: leading samples dim
@@ -142,10 +205,11 @@ def main(argv: list[str] | None = None) -> dict:
         step_times.append(time.perf_counter() - t0)
         return {"loss": loss.item()}
 
+    def score_all(net, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([scores_of(net, x[i : i + 250]) for i in range(0, len(x), 250)]).cpu()
+
     def evaluate(net, split=val) -> dict[str, float]:
-        x, values = split
-        scores = torch.cat([scores_of(net, x[i : i + 250]) for i in range(0, len(x), 250)])
-        exact, elementwise = sort_accuracy(scores.cpu(), values)
+        exact, elementwise = sort_accuracy(score_all(net, split[0]), split[1])
         return {"val_exact": exact, "val_elementwise": elementwise}
 
     best = trainer.fit(cfg.num_epochs, cfg.steps_per_epoch, train_step, evaluate)
@@ -155,13 +219,18 @@ def main(argv: list[str] | None = None) -> dict:
     seconds = [float(row["seconds"]) for row in read_csv(trainer.metrics_path)]
     model.eval()
     with torch.no_grad():
-        test_metrics = evaluate(model, test)
+        test_scores = score_all(model, test[0])
+    exact, elementwise = sort_accuracy(test_scores, test[1])
+    wrong, pairs = pair_errors_by_digit(test_scores, test[1], cfg.num_digits)
     result = {
         "config": asdict(cfg),
         "best_epoch": best_epoch,
         "val_exact": best["best_val"],
-        "test_exact": test_metrics["val_exact"],
-        "test_elementwise": test_metrics["val_elementwise"],
+        "test_exact": exact,
+        "test_elementwise": elementwise,
+        # pairs of test numbers whose order their k-th digit decides, and how many are wrong
+        "test_pairs_by_digit": pairs,
+        "test_wrong_pairs_by_digit": wrong,
         "seconds_per_step": sum(step_times) / max(1, len(step_times)),
         "steps": best_epoch * cfg.steps_per_epoch,
         "minutes_to_best": sum(seconds[:best_epoch]) / 60,  # training and validation
@@ -171,7 +240,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(
         f"\nn={cfg.n} {cfg.sort}: test exact {result['test_exact']:.3f}, element-wise "
         f"{result['test_elementwise']:.3f} (best epoch {best_epoch}); "
-        f"{1000 * result['seconds_per_step']:.0f} ms/step"
+        f"{1000 * result['seconds_per_step']:.0f} ms/step\n"
+        "wrong test pairs, by the digit that decides their order: "
+        + ", ".join(f"{w}/{p}" for w, p in zip(wrong, pairs))
     )
     summarize(Path(cfg.out).parent)
     return result

@@ -30,6 +30,24 @@ def test_sequences_show_the_numbers_they_claim():
     assert torch.equal(again[1], values)
 
 
+def test_tied_sequences_share_their_leading_digits():
+    labels = torch.arange(10).repeat(3)
+    images = (labels.float() + torch.arange(30) / 40).view(-1, 1, 1, 1)  # digit . image
+    seqs = MultiDigitSequences(images.expand(-1, 1, 28, 28).contiguous(), labels, n=5)
+    x, values = seqs.sample(200, torch.Generator().manual_seed(0), tied=1.0)
+    drawn = x[..., 0, 0, ::28]  # (200, 5, 4): digit + image number / 40, per block
+    assert torch.equal((drawn.floor() * torch.tensor([1000.0, 100, 10, 1])).sum(-1), values)
+    digits = drawn.floor()
+    shared = (digits == digits[:, :1]).all(1).long().cumprod(-1).sum(-1)  # leading digits
+    assert (shared >= 1).all() and (shared == 1).any() and (shared == 2).any()
+    assert ((drawn - drawn[:, :1]).abs().sum((1, 2)) > 0).all()  # other images of them
+    _, some = seqs.sample(400, torch.Generator().manual_seed(1), tied=0.5)
+    share = (some // 1000 == some[:, :1] // 1000).all(-1).float().mean().item()
+    assert 0.4 < share < 0.65  # half tied, plus the few untied sequences sharing by chance
+    _, plain = seqs.sample(50, torch.Generator().manual_seed(2))
+    assert torch.equal(seqs.sample(50, torch.Generator().manual_seed(2), tied=0.0)[1], plain)
+
+
 def test_true_permutation_and_accuracies():
     values = torch.tensor([[3.0, 9.0, 1.0]])
     p = run_sort.true_permutation(values)
@@ -39,11 +57,50 @@ def test_true_permutation_and_accuracies():
     assert exact == 0.0 and elementwise == pytest.approx(1 / 3)
 
 
+def test_pair_errors_by_digit():
+    values = torch.tensor([[1234.0, 1299.0, 5000.0, 1235.0]])
+    # 5000 > 1299 > 1235 > 1234: the leading digit decides 3 pairs, the third 2, the last 1
+    right = torch.tensor([[1.0, 3.0, 4.0, 2.0]])
+    assert run_sort.pair_errors_by_digit(right, values, 4) == ([0, 0, 0, 0], [3, 0, 2, 1])
+    swapped = torch.tensor([[2.0, 3.0, 4.0, 1.0]])  # 1234 above 1235: the last digit's pair
+    assert run_sort.pair_errors_by_digit(swapped, values, 4) == ([0, 0, 0, 1], [3, 0, 2, 1])
+    flat = torch.zeros(1, 4)  # every pair tied in score: all wrong
+    assert run_sort.pair_errors_by_digit(flat, values, 4) == ([3, 0, 2, 1], [3, 0, 2, 1])
+
+
 def test_regroup_puts_every_item_in_that_many_sequences():
     pick = run_sort.regroup(12, 3, 4, torch.Generator().manual_seed(0))
     assert pick.shape == (16, 3)
     assert torch.equal(torch.bincount(pick.flatten(), minlength=12), torch.full((12,), 4))
     assert all(len(set(row.tolist())) == 3 for row in pick)  # no item twice in one sequence
+
+
+def test_near_groups_are_runs_of_close_numbers():
+    values = torch.randperm(60).float().view(12, 5) * 7  # 60 distinct numbers
+    pick = run_sort.near_groups(values, 5, 3, torch.Generator().manual_seed(0))
+    assert pick.shape == (36, 5)
+    assert torch.equal(torch.bincount(pick.flatten(), minlength=60), torch.full((60,), 3))
+    ranks = values.flatten().argsort().argsort()[pick].sort(-1).values  # value ranks of a run
+    steps = ranks.diff(dim=-1)
+    wrapped = (steps != 1).any(-1)  # the one run per grouping that wraps around the order
+    assert (steps[~wrapped] == 1).all() and wrapped.sum() <= 3
+    assert (pick.diff(dim=-1) != 0).all()  # not handed over in value order
+
+
+def test_shift_moves_each_digit_within_the_bound():
+    labels = torch.arange(10)
+    images = torch.zeros(10, 1, 28, 28)
+    images[:, 0, 14, 14] = 1.0  # one lit pixel at the centre of every digit
+    seqs = MultiDigitSequences(images, labels, n=3, num_digits=2)
+    x, values = seqs.sample(50, torch.Generator().manual_seed(0), shift=2)
+    _, plain = seqs.sample(50, torch.Generator().manual_seed(0))
+    assert torch.equal(values, plain)  # the same numbers, moved digits
+    blocks = x.unflatten(-1, (2, 28)).transpose(-3, -2)  # (50, 3, 1, 2, 28, 28)
+    lit = blocks.flatten(-2).argmax(-1)
+    rows, cols = lit // 28, lit % 28
+    assert (blocks.flatten(-2).sum(-1) == 1).all()  # the pixel is moved, not lost
+    assert ((rows - 14).abs() <= 2).all() and ((cols - 14).abs() <= 2).all()
+    assert len(set(zip(rows.flatten().tolist(), cols.flatten().tolist()))) > 10
 
 
 def test_cnn_scores_each_image():
@@ -59,6 +116,8 @@ def test_every_relaxation_trains_end_to_end(sort, tmp_path):
     r = run_sort.main([*TINY, "--sort", sort, "--num_epochs", "1", "--out", str(out)])
     assert 0.0 <= r["test_exact"] <= r["test_elementwise"] <= 1.0
     assert r["seconds_per_step"] > 0 and r["steps"] == 2
+    assert sum(r["test_pairs_by_digit"]) <= 20 * 3  # at most 3 pairs per sequence of 3
+    assert all(w <= p for w, p in zip(r["test_wrong_pairs_by_digit"], r["test_pairs_by_digit"]))
     assert json.loads((out / "results.json").read_text())["config"]["sort"] == sort
     assert (tmp_path / "summary.md").is_file()
 
@@ -72,12 +131,25 @@ def test_groupings_changes_training_and_is_recorded(tmp_path):
     assert more["config"]["groupings"] == 3 and plain["config"]["groupings"] == 1
 
 
+@pytest.mark.parametrize(("flag", "value"), [("near_groupings", 2), ("shift", 2), ("tied", 0.5)])
+def test_curriculum_flags_change_training(flag, value, tmp_path):
+    args = [*TINY, "--num_epochs", "1"]
+    plain = run_sort.main([*args, "--out", str(tmp_path / "a")])
+    other = run_sort.main([*args, f"--{flag}", str(value), "--out", str(tmp_path / "b")])
+    loss = [(tmp_path / d / "metrics.csv").read_text().splitlines()[1] for d in "ab"]
+    assert loss[0] != loss[1]
+    assert other["config"][flag] == value and plain["config"][flag] == 0
+
+
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
         (["--n", "1"], "--n must be >= 2"),
         (["--tau", "0"], "--tau must be > 0"),
         (["--groupings", "0"], "--groupings must be >= 1"),
+        (["--near_groupings", "-1"], "--near_groupings must be >= 0"),
+        (["--shift", "-1"], "--shift must be >= 0"),
+        (["--tied", "1.5"], "--tied must be in [0, 1]"),
         (["--sort", "bogosort"], "invalid choice"),
     ],
 )
