@@ -373,6 +373,9 @@ class MultiDigitSequences:
         size = (batch, self.n, self.num_digits)
         idx = torch.randint(len(self.labels), size, generator=generator)
         if tied > 0:
+            if (self.counts == 0).any():
+                missing = (self.counts == 0).nonzero().flatten().tolist()
+                raise ValueError(f"tied sequences need images of every digit; none of {missing}")
             most = max(2, self.num_digits - 1)  # at most num_digits - 2 shared: few duplicates
             prefix = torch.randint(1, most, (batch, 1, 1), generator=generator)
             prefix *= torch.rand(batch, 1, 1, generator=generator) < tied

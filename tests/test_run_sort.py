@@ -80,11 +80,11 @@ def test_near_groups_are_runs_of_close_numbers():
     pick = run_sort.near_groups(values, 5, 3, torch.Generator().manual_seed(0))
     assert pick.shape == (36, 5)
     assert torch.equal(torch.bincount(pick.flatten(), minlength=60), torch.full((60,), 3))
-    ranks = values.flatten().argsort().argsort()[pick].sort(-1).values  # value ranks of a run
-    steps = ranks.diff(dim=-1)
+    ranks = values.flatten().argsort().argsort()[pick]  # value ranks of each run's items
+    steps = ranks.sort(-1).values.diff(dim=-1)
     wrapped = (steps != 1).any(-1)  # the one run per grouping that wraps around the order
     assert (steps[~wrapped] == 1).all() and wrapped.sum() <= 3
-    assert (pick.diff(dim=-1) != 0).all()  # not handed over in value order
+    assert (ranks.diff(dim=-1) > 0).all(-1).float().mean() < 0.2  # shuffled, not in order
 
 
 def test_shift_moves_each_digit_within_the_bound():
