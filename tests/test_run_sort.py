@@ -46,6 +46,11 @@ def test_tied_sequences_share_their_leading_digits():
     assert 0.4 < share < 0.65  # half tied, plus the few untied sequences sharing by chance
     _, plain = seqs.sample(50, torch.Generator().manual_seed(2))
     assert torch.equal(seqs.sample(50, torch.Generator().manual_seed(2), tied=0.0)[1], plain)
+    no_sevens = MultiDigitSequences(
+        torch.zeros(9, 1, 28, 28), torch.tensor([0, 1, 2, 3, 4, 5, 6, 8, 9]), 5
+    )
+    with pytest.raises(ValueError, match=r"every digit; none of \[7\]"):
+        no_sevens.sample(2, tied=0.5)
 
 
 def test_true_permutation_and_accuracies():
