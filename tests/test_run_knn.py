@@ -7,7 +7,7 @@ import json
 import pytest
 
 from tasks import run_knn
-from tests.conftest import run_task
+from tests.conftest import assert_one_line_error, run_task
 
 
 def test_run_knn_digits(tmp_path):
@@ -37,8 +37,4 @@ def _cli(*args):
 )
 def test_cli_errors_are_one_line(args, needle, tmp_path):
     r = _cli(*args, "--out", str(tmp_path))
-    assert r.returncode == 2
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, r.stderr
-    assert needle in lines[0] and "Traceback" not in r.stderr
-    assert not (tmp_path / "results.json").exists()
+    assert_one_line_error(r, needle, tmp_path)
