@@ -368,7 +368,7 @@ class MultiDigitSequences:
         show, ``(batch, n)`` float. ``shift > 0`` moves every digit by up to that many pixels
         in each direction (zeros fill in; training augmentation). ``tied > 0``: that share of
         the sequences have numbers with the same first ``j`` digits (``j`` uniform in ``1 ..
-        num_digits - 2``, different images of those digits), so that lower digits decide
+        max(1, num_digits - 2)``, different images of those digits), so that lower digits decide
         their order (a training curriculum; 0 draws every digit independently)."""
         size = (batch, self.n, self.num_digits)
         idx = torch.randint(len(self.labels), size, generator=generator)

@@ -91,19 +91,18 @@ class SortConfig(RunFlags):
             raise ValueError(f"--tau must be > 0, got {self.tau}")
         if not self.lr > 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
-        for name in (
+        counts = (
             "batch_size",
             "groupings",
             "num_samples",
             "num_epochs",
             "steps_per_epoch",
             "num_digits",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("near_groupings", "shift"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        )
+        least = dict.fromkeys(counts, 1) | {"near_groupings": 0, "shift": 0}
+        for name, low in least.items():
+            if getattr(self, name) < low:
+                raise ValueError(f"--{name} must be >= {low}, got {getattr(self, name)}")
         if not 0 <= self.tied <= 1:
             raise ValueError(f"--tied must be in [0, 1], got {self.tied}")
         self.out = self.out or f"results/sort/n{self.n}-{self.sort}-t{self.tau:g}"
