@@ -303,18 +303,24 @@ def summarize(root: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for name in sorted({r["sort"] for r in runs}):
-        best: dict[int, float] = {}  # several runs at one n: the best
-        for r in runs:
-            if r["sort"] == name:
-                best[r["n"]] = max(best.get(r["n"], 0.0), r["test_exact"])
-        ax.plot(*zip(*sorted(best.items())), marker="o", label=name)
-    ax.plot(list(PAPER), [v[0] for v in PAPER.values()], "k--", label="paper (NeuralSort)")
-    ax.set_xlabel("n (numbers per sequence)")
-    ax.set_ylabel("test exact-sort accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, key, paper_col, title in (
+        (axes[0], "test_exact", 0, "whole sequence sorted (exact)"),
+        (axes[1], "test_elementwise", 1, "numbers in their place (element-wise)"),
+    ):
+        for name in sorted({r["sort"] for r in runs}):
+            best: dict[int, float] = {}  # several runs at one n: the best
+            for r in runs:
+                if r["sort"] == name:
+                    best[r["n"]] = max(best.get(r["n"], 0.0), r[key])
+            ax.plot(*zip(*sorted(best.items())), marker="o", label=name)
+        ax.plot(list(PAPER), [v[paper_col] for v in PAPER.values()], "k--", label="paper")
+        ax.set_xlabel("n (numbers per sequence)")
+        ax.set_ylabel("test accuracy")
+        ax.set_title(title, fontsize=10)
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(root / "accuracy_vs_n.png", dpi=110)
     plt.close(fig)

@@ -161,3 +161,27 @@ def test_curriculum_flags_change_training(flag, value, tmp_path):
 def test_cli_errors_are_one_line(args, needle, tmp_path):
     r = run_task("run_sort.py", *TINY, *args, "--out", str(tmp_path))
     assert_one_line_error(r, needle, tmp_path)
+
+
+def test_summarize_tabulates_every_run_beside_it(tmp_path):
+    def run(name, n, sort, exact):
+        config = {"n": n, "sort": sort, "tau": 1.0, "lr": 1e-3, "groupings": 1}
+        result = {"config": config, "test_exact": exact, "test_elementwise": exact + 0.1}
+        result |= {"seconds_per_step": 0.2, "steps": 500, "minutes_to_best": 2.0}
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(result))
+
+    run("b", 5, "sinkhorn", 0.4)
+    run("a", 3, "neuralsort", 0.7)
+    run("c", 3, "sinkhorn", 0.6)
+    run_sort.summarize(tmp_path)
+    rows = [r for r in (tmp_path / "summary.md").read_text().splitlines() if r.startswith("| ")]
+    assert len(rows) == 1 + 3  # header and one row per run
+    table = json.loads((tmp_path / "summary.json").read_text())
+    assert [(r["n"], r["sort"]) for r in table] == [
+        (3, "neuralsort"),
+        (3, "sinkhorn"),
+        (5, "sinkhorn"),
+    ]
+    assert "0.930 (0.951)" in rows[1]  # the paper's n = 3 figure beside it
+    assert (tmp_path / "accuracy_vs_n.png").stat().st_size > 0
