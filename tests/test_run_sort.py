@@ -185,3 +185,12 @@ def test_summarize_tabulates_every_run_beside_it(tmp_path):
     ]
     assert "0.930 (0.951)" in rows[1]  # the paper's n = 3 figure beside it
     assert (tmp_path / "accuracy_vs_n.png").stat().st_size > 0
+
+
+def test_best_epoch_breaks_exact_ties_by_elementwise_accuracy(tmp_path, monkeypatch):
+    # exact accuracy 0 at every epoch (as at n = 15 early on): the element-wise one decides
+    accuracies = iter([(0.0, 0.30), (0.0, 0.45), (0.0, 0.40)])
+    monkeypatch.setattr(run_sort, "sort_accuracy", lambda scores, values: next(accuracies))
+    r = run_sort.main([*TINY, "--num_epochs", "2", "--out", str(tmp_path / "run")])
+    assert r["best_epoch"] == 2 and r["val_exact"] == 0.0
+    assert r["test_exact"] == 0.0 and r["test_elementwise"] == 0.40  # the third call: test
