@@ -259,6 +259,39 @@ PAPER = {
 }  # NeuralSort Table 1, deterministic NeuralSort: exact (element-wise)
 
 
+def _best_on_validation(runs: list[dict]) -> dict[tuple[str, int], dict]:
+    """``(relaxation, n) -> run``: of several runs of one relaxation at one n, the one with the
+    best validation exact accuracy (the first on ties)."""
+    best: dict[tuple[str, int], dict] = {}
+    for r in runs:
+        key = (r["sort"], r["n"])
+        if key not in best or r["val_exact"] > best[key]["val_exact"]:
+            best[key] = r
+    return best
+
+
+def _by_relaxation_and_n(runs: list[dict]) -> list[str]:
+    """Markdown rows: one per relaxation, one column per n; each cell the test exact
+    (element-wise) accuracy and ms per step of the run best on validation."""
+    ns = sorted({r["n"] for r in runs})
+    best = _best_on_validation(runs)
+    lines = [
+        "| relaxation | " + " | ".join(f"n = {n}" for n in ns) + " |",
+        "|---|" + "---|" * len(ns),
+    ]
+    for name in sorted({r["sort"] for r in runs}):
+        cells = [
+            f"{r['test_exact']:.3f} ({r['test_elementwise']:.3f}), {r['ms_per_step']:.0f} ms"
+            if (r := best.get((name, n)))
+            else "-"
+            for n in ns
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    paper = [f"{PAPER[n][0]:.3f} ({PAPER[n][1]:.3f})" if n in PAPER else "-" for n in ns]
+    lines.append("| paper (NeuralSort) | " + " | ".join(paper) + " |")
+    return lines
+
+
 def summarize(root: str | Path) -> None:
     """Collect every ``*/results.json`` under ``root`` into summary.md / .json and a plot."""
     root = Path(root)
@@ -274,6 +307,7 @@ def summarize(root: str | Path) -> None:
                 "tau": c["tau"],
                 "lr": c["lr"],
                 "groupings": c.get("groupings", 1),
+                "val_exact": r.get("val_exact", 0.0),
                 "test_exact": r["test_exact"],
                 "test_elementwise": r["test_elementwise"],
                 "ms_per_step": 1000 * r["seconds_per_step"],
@@ -298,6 +332,7 @@ def summarize(root: str | Path) -> None:
             f"{r['test_exact']:.3f} | {r['test_elementwise']:.3f} | {ptxt} | "
             f"{r['ms_per_step']:.0f} | {r['steps']} | {minutes} |"
         )
+    lines += ["", *_by_relaxation_and_n(runs)]
     atomic_write_text(root / "summary.md", "\n".join(lines) + "\n")
     write_json(root / "summary.json", runs)
 
@@ -306,17 +341,15 @@ def summarize(root: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    best = _best_on_validation(runs)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, key, paper_col, title in (
         (axes[0], "test_exact", 0, "whole sequence sorted (exact)"),
         (axes[1], "test_elementwise", 1, "numbers in their place (element-wise)"),
     ):
         for name in sorted({r["sort"] for r in runs}):
-            best: dict[int, float] = {}  # several runs at one n: the best
-            for r in runs:
-                if r["sort"] == name:
-                    best[r["n"]] = max(best.get(r["n"], 0.0), r[key])
-            ax.plot(*zip(*sorted(best.items())), marker="o", label=name)
+            points = sorted((n, r[key]) for (sort, n), r in best.items() if sort == name)
+            ax.plot(*zip(*points), marker="o", label=name)
         ax.plot(list(PAPER), [v[paper_col] for v in PAPER.values()], "k--", label="paper")
         ax.set_xlabel("n (numbers per sequence)")
         ax.set_ylabel("test accuracy")

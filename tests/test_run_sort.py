@@ -164,26 +164,28 @@ def test_cli_errors_are_one_line(args, needle, tmp_path):
 
 
 def test_summarize_tabulates_every_run_beside_it(tmp_path):
-    def run(name, n, sort, exact):
+    def run(name, n, sort, exact, val):
         config = {"n": n, "sort": sort, "tau": 1.0, "lr": 1e-3, "groupings": 1}
-        result = {"config": config, "test_exact": exact, "test_elementwise": exact + 0.1}
-        result |= {"seconds_per_step": 0.2, "steps": 500, "minutes_to_best": 2.0}
+        result = {"config": config, "val_exact": val, "test_exact": exact}
+        result |= {"test_elementwise": exact + 0.1, "seconds_per_step": 0.2, "steps": 500}
         (tmp_path / name).mkdir()
-        (tmp_path / name / "results.json").write_text(json.dumps(result))
+        (tmp_path / name / "results.json").write_text(json.dumps(result | {"minutes_to_best": 2}))
 
-    run("b", 5, "sinkhorn", 0.4)
-    run("a", 3, "neuralsort", 0.7)
-    run("c", 3, "sinkhorn", 0.6)
+    run("b", 5, "sinkhorn", 0.4, 0.4)
+    run("a", 3, "neuralsort", 0.7, 0.7)
+    run("c", 3, "sinkhorn", 0.6, 0.5)
+    run("d", 3, "sinkhorn", 0.65, 0.45)  # better on test, worse on validation
     run_sort.summarize(tmp_path)
-    rows = [r for r in (tmp_path / "summary.md").read_text().splitlines() if r.startswith("| ")]
-    assert len(rows) == 1 + 3  # header and one row per run
+    text = (tmp_path / "summary.md").read_text()
+    rows = [r for r in text.split("\n\n")[0].splitlines() if r.startswith("| ")]
+    assert len(rows) == 1 + 4  # header and one row per run
     table = json.loads((tmp_path / "summary.json").read_text())
-    assert [(r["n"], r["sort"]) for r in table] == [
-        (3, "neuralsort"),
-        (3, "sinkhorn"),
-        (5, "sinkhorn"),
-    ]
+    assert [(r["n"], r["sort"]) for r in table][:2] == [(3, "neuralsort"), (3, "sinkhorn")]
     assert "0.930 (0.951)" in rows[1]  # the paper's n = 3 figure beside it
+    pivot = text.split("\n\n")[1].splitlines()
+    assert pivot[0] == "| relaxation | n = 3 | n = 5 |"
+    assert pivot[3] == "| sinkhorn | 0.600 (0.700), 200 ms | 0.400 (0.500), 200 ms |"
+    assert pivot[2].startswith("| neuralsort | 0.700 (0.800), 200 ms | - |")
     assert (tmp_path / "accuracy_vs_n.png").stat().st_size > 0
 
 
