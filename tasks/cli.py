@@ -169,10 +169,24 @@ def write_csv(path: str | Path, rows: list[dict[str, Any]]) -> None:
 
 
 def append_csv(path: str | Path, row: dict[str, Any]) -> None:
-    """Append ``row`` to a CSV file, writing the header when the file is new."""
+    """Append ``row`` to a CSV file, writing the header when the file is new. A row with columns
+    the file lacks (a run resumed by a newer version of its script) rewrites the file with them,
+    the older rows left blank there, instead of misaligning the columns."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists() or path.stat().st_size == 0
+    if not new:
+        with open(path, newline="") as fh:
+            header = next(csv.reader(fh), [])
+            old = list(csv.DictReader(fh, fieldnames=header))
+        if not set(row) <= set(header):
+            header += [k for k in row if k not in header]
+            text = io.StringIO()
+            w = csv.DictWriter(text, fieldnames=header, restval="")
+            w.writeheader()
+            w.writerows(old)
+            atomic_write_text(path, text.getvalue())
+        row = {k: row.get(k, "") for k in header}
     with open(path, "a", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(row))
         if new:

@@ -56,7 +56,8 @@ def plot_learning_curves(metrics_csv: str | Path, out_png: str | Path, title: st
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
     for ax, group in zip(axes[0], panels):
         for k in group:
-            ax.plot(epochs, [r[k] for r in rows], marker="o", ms=3, label=k)
+            values = [r[k] if isinstance(r[k], float) else float("nan") for r in rows]
+            ax.plot(epochs, values, marker="o", ms=3, label=k)  # nan: not recorded then
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
         ax.legend()

@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
     extra = {"num_samples": cfg.num_samples} if cfg.sort == "neuralsort-stochastic" else {}
     relax = get_sort(cfg.sort, tau=cfg.tau, **extra)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    trainer = Trainer.from_flags(model, optimizer, cfg, monitor="val_select")
+    trainer = Trainer.from_flags(model, optimizer, cfg, monitor="val_select_acc")
     dev = trainer.device
     step_times: list[float] = []
 
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
         # selects the best epoch: exact accuracy, ties (e.g. all 0 at large n) broken by the
         # element-wise one, which adds less than one sequence's worth (1 / len) of exact
         select = exact + elementwise / (2 * len(split[1]))
-        return {"val_exact": exact, "val_elementwise": elementwise, "val_select": select}
+        return {"val_exact": exact, "val_elementwise": elementwise, "val_select_acc": select}
 
     trainer.fit(cfg.num_epochs, cfg.steps_per_epoch, train_step, evaluate)
     if trainer.rank != 0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -12,7 +13,8 @@ import torch
 from torch import nn
 
 from tasks import run_baseline
-from tasks.cli import UserError
+from tasks.cli import UserError, append_csv
+from tasks.plots import plot_learning_curves
 from tasks.training import Trainer
 from tests.conftest import ROOT
 
@@ -94,3 +96,19 @@ def test_ddp_two_cpu_ranks_end_identical(tmp_path, script):
     assert check["world_size"] == 2
     d0, d1 = check["digests"]
     assert d0 == d1
+
+
+def test_append_csv_keeps_columns_aligned_when_a_resumed_run_adds_one(tmp_path):
+    path = tmp_path / "metrics.csv"
+    append_csv(path, {"epoch": 1, "val": 0.5})
+    append_csv(path, {"epoch": 2, "val": 0.6, "val_select": 0.61})  # a newer script resumed it
+    append_csv(path, {"epoch": 3, "val_select": 0.7})  # and one without a column
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows == [
+        {"epoch": "1", "val": "0.5", "val_select": ""},
+        {"epoch": "2", "val": "0.6", "val_select": "0.61"},
+        {"epoch": "3", "val": "", "val_select": "0.7"},
+    ]
+    plot_learning_curves(path, tmp_path / "curves.png")  # the blanks are gaps, not an error
+    assert (tmp_path / "curves.png").stat().st_size > 0
