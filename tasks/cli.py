@@ -174,22 +174,17 @@ def append_csv(path: str | Path, row: dict[str, Any]) -> None:
     the older rows left blank there, instead of misaligning the columns."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists() or path.stat().st_size == 0
-    if not new:
+    old: list[dict[str, str]] = []
+    if path.exists():
         with open(path, newline="") as fh:
-            header = next(csv.reader(fh), [])
-            old = list(csv.DictReader(fh, fieldnames=header))
-        if not set(row) <= set(header):
-            header += [k for k in row if k not in header]
-            text = io.StringIO()
-            w = csv.DictWriter(text, fieldnames=header, restval="")
-            w.writeheader()
-            w.writerows(old)
-            atomic_write_text(path, text.getvalue())
-        row = {k: row.get(k, "") for k in header}
-    with open(path, "a", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(row))
-        if new:
+            old = list(csv.DictReader(fh))
+    if old and not set(row) <= set(old[0]):  # new columns: blank in the older rows
+        old = [r | {k: "" for k in row if k not in r} for r in old]
+        write_csv(path, old)
+    header = list(old[0]) if old else list(row)
+    with open(path, "a" if old else "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=header, restval="")
+        if not old:
             w.writeheader()
         w.writerow(row)
         fh.flush()

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from tasks.cli import UserError, append_csv, atomic_save, atomic_write_text, write_json
+from tasks.cli import UserError, append_csv, atomic_save, write_csv, write_json
 from tasks.data import DATASETS
 from tasks.plots import plot_learning_curves, read_csv
 
@@ -207,9 +207,7 @@ class Trainer:
         if self.rank == 0 and self.metrics_path.exists():  # drop rows of an unfinished epoch
             rows = [r for r in read_csv(self.metrics_path) if r["epoch"] <= self.start_epoch]
             if rows:
-                keys = list(rows[0])
-                lines = [",".join(keys)] + [",".join(_fmt(r[k]) for k in keys) for r in rows]
-                atomic_write_text(self.metrics_path, "\n".join(lines) + "\n")
+                write_csv(self.metrics_path, rows)
             else:
                 self.metrics_path.unlink()
         if self.rank == 0:
