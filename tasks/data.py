@@ -22,8 +22,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-__all__ = ["DATASETS", "DataSplits", "DatasetNotFoundError", "load_dataset", "random_shift"]
+__all__ = [
+    "DATASETS",
+    "DataSplits",
+    "DatasetNotFoundError",
+    "load_dataset",
+    "random_affine",
+    "random_shift",
+]
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -291,6 +299,35 @@ def random_shift(
     return padded[batch, :, rows, cols].permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W)
 
 
+def random_affine(
+    x: torch.Tensor,
+    degrees: float,
+    scale: float,
+    max_shift: float,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Rotate each image of ``x (B, C, H, W)`` by a random angle in ``[-degrees, degrees]``,
+    zoom it by a factor in ``[1 - scale, 1 + scale]`` and move it by up to ``max_shift`` pixels
+    per axis (continuous), all about its centre, with bilinear interpolation and zeros outside.
+    The draws are made on the CPU from ``generator``, like ``random_shift``'s."""
+    if not (0 <= scale < 1 and degrees >= 0 and max_shift >= 0):
+        raise ValueError(
+            f"random_affine needs degrees >= 0, 0 <= scale < 1 and max_shift >= 0; got "
+            f"{degrees}, {scale}, {max_shift}"
+        )
+    B, _, H, W = x.shape
+    u = torch.rand(4, B, generator=generator, dtype=torch.float64) * 2 - 1  # U(-1, 1)
+    angle, zoom = u[0] * degrees * torch.pi / 180, 1 + u[1] * scale
+    # affine_grid maps output to input coordinates in [-1, 1] (2 / size per pixel): input =
+    # A (output - s) undoes the zoom and rotation A^-1 after the shift s
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    sx, sy = u[2] * max_shift * 2 / W, u[3] * max_shift * 2 / H
+    tx, ty = -(cos * sx - sin * sy), -(sin * sx + cos * sy)
+    theta = torch.stack([torch.stack([cos, -sin, tx], -1), torch.stack([sin, cos, ty], -1)], 1)
+    grid = F.affine_grid(theta.to(x), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
 # --------------------------------------------------------------------------- denoising signals
 def make_denoising_data(
     n_samples: int = 10_000,
@@ -363,13 +400,17 @@ class MultiDigitSequences:
         generator: torch.Generator | None = None,
         shift: int = 0,
         tied: float = 0.0,
+        rotate: float = 0.0,
+        scale: float = 0.0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x, values)``: images ``(batch, n, 1, 28, 28 * num_digits)`` and the numbers they
         show, ``(batch, n)`` float. ``shift > 0`` moves every digit by up to that many pixels
         in each direction (zeros fill in; training augmentation). ``tied > 0``: that share of
         the sequences have numbers with the same first ``j`` digits (``j`` uniform in ``1 ..
         max(1, num_digits - 2)``, different images of those digits), so that lower digits decide
-        their order (a training curriculum; 0 draws every digit independently)."""
+        their order (a training curriculum; 0 draws every digit independently). ``rotate``
+        (degrees) or ``scale`` (zoom fraction) > 0: every digit is also rotated and zoomed at
+        random (``random_affine``; the shift is then continuous)."""
         size = (batch, self.n, self.num_digits)
         idx = torch.randint(len(self.labels), size, generator=generator)
         if tied > 0:
@@ -385,7 +426,10 @@ class MultiDigitSequences:
             same = self.by_label[self.starts[digit] + nth]  # an image of that digit
             idx = torch.where(torch.arange(self.num_digits) < prefix, same, idx)
         digits = self.images[idx]  # (batch, n, l, 1, 28, 28)
-        if shift > 0:
+        if rotate > 0 or scale > 0:
+            flat = digits.flatten(0, 2)
+            digits = random_affine(flat, rotate, scale, shift, generator).reshape(digits.shape)
+        elif shift > 0:
             digits = random_shift(digits.flatten(0, 2), shift, generator).reshape(digits.shape)
         x = digits.permute(0, 1, 3, 4, 2, 5).reshape(batch, self.n, 1, 28, 28 * self.num_digits)
         values = (self.labels[idx] * self.place).sum(-1).float()

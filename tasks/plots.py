@@ -39,6 +39,16 @@ def read_csv(path: str | Path) -> list[dict[str, float | str]]:
     return out
 
 
+ACCURACY_WORDS = ("acc", "exact", "elementwise")
+
+
+def metric_panels(keys: list[str]) -> tuple[list[str], list[str]]:
+    """Split metric names into (loss-like, accuracy-like): a name holding one of
+    ``ACCURACY_WORDS`` (``val_acc``, ``val_exact``, ``test_elementwise``) is an accuracy."""
+    acc = [k for k in keys if any(word in k for word in ACCURACY_WORDS)]
+    return [k for k in keys if k not in acc], acc
+
+
 def plot_learning_curves(metrics_csv: str | Path, out_png: str | Path, title: str = "") -> None:
     """One panel per metric family (loss-like, accuracy-like) against the epoch."""
     rows = read_csv(metrics_csv)
@@ -50,9 +60,7 @@ def plot_learning_curves(metrics_csv: str | Path, out_png: str | Path, title: st
         for k in rows[0]
         if k not in ("epoch", "seconds", "step") and isinstance(rows[0][k], float)
     ]
-    acc = [k for k in keys if "acc" in k]
-    other = [k for k in keys if k not in acc]
-    panels = [p for p in (other, acc) if p]
+    panels = [p for p in metric_panels(keys) if p]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
     for ax, group in zip(axes[0], panels):
         for k in group:

@@ -12,6 +12,7 @@ from tasks.data import (
     DATASETS,
     DatasetNotFoundError,
     load_dataset,
+    random_affine,
     random_shift,
     read_idx,
     write_idx,
@@ -146,3 +147,32 @@ def test_random_shift_translates_each_image_and_is_seeded():
         assert any(torch.equal(a[i], w) for w in windows)
     assert not torch.equal(a, x)  # 16 images: some offset is non-zero
     assert random_shift(x, 0) is x
+
+
+def test_random_affine_is_seeded_and_identity_at_zero():
+    x = torch.rand(8, 1, 28, 28)
+    assert torch.allclose(random_affine(x, 0, 0, 0), x, atol=1e-5)
+    a = random_affine(x, 15, 0.1, 2, torch.Generator().manual_seed(4))
+    b = random_affine(x, 15, 0.1, 2, torch.Generator().manual_seed(4))
+    assert a.shape == x.shape and torch.equal(a, b)
+    assert not torch.allclose(a, x, atol=1e-2)
+
+
+def test_random_affine_keeps_each_digit_within_its_bounds():
+    x = torch.zeros(64, 1, 28, 28, dtype=torch.float64)
+    x[:, 0, 12:16, 12:16] = 1.0  # a square at the centre: only the shift moves its centre
+    y = random_affine(x, 30, 0.2, 2, torch.Generator().manual_seed(0))
+    grid = torch.arange(28, dtype=torch.float64)
+    mass = y.sum((1, 2, 3))
+    rows = (y.sum(3).squeeze(1) * grid).sum(-1) / mass
+    cols = (y.sum(2).squeeze(1) * grid).sum(-1) / mass
+    assert ((rows - 13.5).abs() <= 2 + 1e-6).all() and ((cols - 13.5).abs() <= 2 + 1e-6).all()
+    low, high = 0.9 * 16 * 0.8**2, 1.1 * 16 * 1.2**2  # area x zoom^2, +-10 % interpolation
+    assert ((mass >= low) & (mass <= high)).all()
+    assert rows.std() > 0.5 and mass.std() > 0.5  # each image its own draw
+
+
+@pytest.mark.parametrize(("degrees", "scale", "shift"), [(-1, 0, 0), (0, 1.0, 0), (0, 0, -1)])
+def test_random_affine_rejects_bad_ranges(degrees, scale, shift):
+    with pytest.raises(ValueError, match="random_affine needs"):
+        random_affine(torch.zeros(1, 1, 4, 4), degrees, scale, shift)

@@ -108,6 +108,14 @@ def test_shift_moves_each_digit_within_the_bound():
     assert len(set(zip(rows.flatten().tolist(), cols.flatten().tolist()))) > 10
 
 
+def test_rotate_and_scale_change_the_digits_not_the_numbers():
+    seqs = MultiDigitSequences(torch.rand(10, 1, 28, 28), torch.arange(10), n=3, num_digits=2)
+    x, values = seqs.sample(4, torch.Generator().manual_seed(0), rotate=20, scale=0.1)
+    plain, same = seqs.sample(4, torch.Generator().manual_seed(0))
+    assert torch.equal(values, same) and x.shape == plain.shape
+    assert not torch.allclose(x, plain, atol=1e-2)
+
+
 def test_cnn_scores_each_image():
     net = SortCNN(num_digits=2)
     x = torch.rand(6, 1, 28, 56)
@@ -136,7 +144,10 @@ def test_groupings_changes_training_and_is_recorded(tmp_path):
     assert more["config"]["groupings"] == 3 and plain["config"]["groupings"] == 1
 
 
-@pytest.mark.parametrize(("flag", "value"), [("near_groupings", 2), ("shift", 2), ("tied", 0.5)])
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [("near_groupings", 2), ("shift", 2), ("tied", 0.5), ("rotate", 10.0), ("scale", 0.1)],
+)
 def test_curriculum_flags_change_training(flag, value, tmp_path):
     args = [*TINY, "--num_epochs", "1"]
     plain = run_sort.main([*args, "--out", str(tmp_path / "a")])
@@ -155,6 +166,8 @@ def test_curriculum_flags_change_training(flag, value, tmp_path):
         (["--near_groupings", "-1"], "--near_groupings must be >= 0"),
         (["--shift", "-1"], "--shift must be >= 0"),
         (["--tied", "1.5"], "--tied must be in [0, 1]"),
+        (["--rotate", "-5"], "--rotate must be >= 0"),
+        (["--scale", "1"], "--scale must be in [0, 1)"),
         (["--sort", "bogosort"], "invalid choice"),
     ],
 )
@@ -182,6 +195,7 @@ def test_summarize_tabulates_every_run_beside_it(tmp_path):
     table = json.loads((tmp_path / "summary.json").read_text())
     assert [(r["n"], r["sort"]) for r in table][:2] == [(3, "neuralsort"), (3, "sinkhorn")]
     assert "0.930 (0.951)" in rows[1]  # the paper's n = 3 figure beside it
+    assert rows[1].startswith("| 3 | neuralsort | a | ")  # each run named by its folder
     pivot = text.split("\n\n")[1].splitlines()
     assert pivot[0] == "| relaxation | n = 3 | n = 5 |"
     assert pivot[3] == "| sinkhorn | 0.600 (0.700), 200 ms | 0.400 (0.500), 200 ms |"

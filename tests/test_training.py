@@ -14,7 +14,7 @@ from torch import nn
 
 from tasks import run_baseline
 from tasks.cli import UserError, append_csv
-from tasks.plots import plot_learning_curves
+from tasks.plots import metric_panels, plot_learning_curves
 from tasks.training import Trainer
 from tests.conftest import ROOT
 
@@ -112,3 +112,10 @@ def test_append_csv_keeps_columns_aligned_when_a_resumed_run_adds_one(tmp_path):
     ]
     plot_learning_curves(path, tmp_path / "curves.png")  # the blanks are gaps, not an error
     assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_learning_curves_put_every_task_s_accuracies_beside_each_other_not_with_the_losses():
+    keys = ["train_loss", "val_acc", "val_exact", "val_elementwise", "val_select_acc", "val_mse"]
+    losses, accuracies = metric_panels(keys)
+    assert losses == ["train_loss", "val_mse"]
+    assert accuracies == ["val_acc", "val_exact", "val_elementwise", "val_select_acc"]
