@@ -202,7 +202,12 @@ def main(argv: list[str] | None = None) -> dict:
     def train_step(net, gen):
         t0 = time.perf_counter()
         x, values = train.sample(
-            cfg.batch_size, gen, cfg.shift, cfg.tied, rotate=cfg.rotate, scale=cfg.scale
+            cfg.batch_size,
+            gen,
+            shift=cfg.shift,
+            tied=cfg.tied,
+            rotate=cfg.rotate,
+            scale=cfg.scale,
         )
         scores, values = scores_of(net, x), values.to(dev)
         if cfg.groupings > 1 or cfg.near_groupings:  # the same scores, in more sequences
