@@ -51,6 +51,10 @@ class SortConfig(RunFlags):
     sort: str = field(default="neuralsort", metadata={"choices": SORTS, "help": "relaxation"})
     tau: float = field(default=1.0, metadata={"help": "temperature / regularization strength"})
     lr: float = field(default=1e-3, metadata={"help": "Adam learning rate"})
+    weight_decay: float = field(
+        default=0.0,
+        metadata={"help": "decoupled weight decay (AdamW) per unit of learning rate (0: Adam)"},
+    )
     batch_size: int = field(default=20, metadata={"help": "sequences per step (M)"})
     groupings: int = field(
         default=1,
@@ -114,6 +118,8 @@ class SortConfig(RunFlags):
         for name, low in least.items():
             if getattr(self, name) < low:
                 raise ValueError(f"--{name} must be >= {low}, got {getattr(self, name)}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"--weight_decay must be >= 0, got {self.weight_decay}")
         if not self.rotate >= 0:
             raise ValueError(f"--rotate must be >= 0 (degrees), got {self.rotate}")
         if not 0 <= self.scale < 1:
@@ -190,7 +196,11 @@ def main(argv: list[str] | None = None) -> dict:
     model = SortCNN(cfg.num_digits)
     extra = {"num_samples": cfg.num_samples} if cfg.sort == "neuralsort-stochastic" else {}
     relax = get_sort(cfg.sort, tau=cfg.tau, **extra)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    optimizer = (
+        torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        if cfg.weight_decay
+        else torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    )
     trainer = Trainer.from_flags(model, optimizer, cfg, monitor="val_select_acc")
     dev = trainer.device
     step_times: list[float] = []

@@ -20,7 +20,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +115,8 @@ class Trainer:
         optimizer: its optimizer.
         out: output folder.
         config: the run's resolved flags (saved; a resumed run must match them).
+        defaults: each flag's default, which a checkpoint written before that flag existed
+            is taken to have had.
         resume: continue from ``out/ckpt.pt``.
         monitor: validation metric that selects the best epoch (higher is better).
         device: torch device string.
@@ -133,6 +135,7 @@ class Trainer:
         seed: int = 0,
         progress: bool = True,
         lr_schedule: str = "constant",
+        defaults: dict[str, Any] | None = None,
     ):
         if lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
@@ -144,6 +147,7 @@ class Trainer:
         self.optimizer = optimizer
         self.out = Path(out)
         self.config = config
+        self.defaults = defaults or {}
         self.monitor = monitor
         self.seed = seed
         self.progress = progress and self.rank == 0
@@ -182,6 +186,7 @@ class Trainer:
             seed=cfg.seed,
             progress=cfg.progress,
             lr_schedule=getattr(cfg, "lr_schedule", "constant"),
+            defaults={f.name: f.default for f in fields(cfg) if f.default is not MISSING},
             **kwargs,
         )
 
@@ -190,7 +195,9 @@ class Trainer:
         if not self.ckpt_path.exists():
             raise UserError(f"--resume: no checkpoint at {self.ckpt_path}")
         ckpt = torch.load(self.ckpt_path, map_location=self.device, weights_only=False)
-        saved = {k: v for k, v in ckpt["config"].items() if k not in RESUMABLE_KEYS}
+        # a flag added after the checkpoint was written counts as having had its default
+        written = {**self.defaults, **ckpt["config"]}
+        saved = {k: v for k, v in written.items() if k not in RESUMABLE_KEYS}
         now = {k: v for k, v in self.config.items() if k not in RESUMABLE_KEYS}
         diff = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
         if diff:

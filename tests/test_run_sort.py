@@ -146,9 +146,16 @@ def test_groupings_changes_training_and_is_recorded(tmp_path):
 
 @pytest.mark.parametrize(
     ("flag", "value"),
-    [("near_groupings", 2), ("shift", 2), ("tied", 0.5), ("rotate", 10.0), ("scale", 0.1)],
+    [
+        ("near_groupings", 2),
+        ("shift", 2),
+        ("tied", 0.5),
+        ("rotate", 10.0),
+        ("scale", 0.1),
+        ("weight_decay", 0.5),
+    ],
 )
-def test_curriculum_flags_change_training(flag, value, tmp_path):
+def test_training_flags_change_training(flag, value, tmp_path):
     args = [*TINY, "--num_epochs", "1"]
     plain = run_sort.main([*args, "--out", str(tmp_path / "a")])
     other = run_sort.main([*args, f"--{flag}", str(value), "--out", str(tmp_path / "b")])
@@ -168,6 +175,7 @@ def test_curriculum_flags_change_training(flag, value, tmp_path):
         (["--tied", "1.5"], "--tied must be in [0, 1]"),
         (["--rotate", "-5"], "--rotate must be >= 0"),
         (["--scale", "1"], "--scale must be in [0, 1)"),
+        (["--weight_decay", "-1"], "--weight_decay must be >= 0"),
         (["--sort", "bogosort"], "invalid choice"),
     ],
 )

@@ -62,6 +62,19 @@ def test_crash_keeps_last_checkpoint(tmp_path):
         Trainer(model, opt, out=tmp_path, config={"a": 2}, resume=True, progress=False)
 
 
+def test_resume_accepts_a_flag_added_since_at_its_default(tmp_path):
+    run_baseline.main([*TINY, "--num_epochs", "1", "--out", str(tmp_path)])
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    del ckpt["config"]["augment"]  # as if written before --augment existed
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    with pytest.raises(UserError, match=r"--augment 0 \(now 2\)"):
+        run_baseline.main(
+            [*TINY, "--num_epochs", "2", "--out", str(tmp_path), "--resume", "--augment", "2"]
+        )
+    run_baseline.main([*TINY, "--num_epochs", "2", "--out", str(tmp_path), "--resume"])
+    assert (tmp_path / "metrics.csv").read_text().count("\n") == 3
+
+
 @pytest.mark.parametrize("script", ["run_baseline.py", "run_dknn.py"])
 def test_ddp_two_cpu_ranks_end_identical(tmp_path, script):
     extra = (
