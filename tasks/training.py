@@ -115,11 +115,14 @@ class Trainer:
         optimizer: its optimizer.
         out: output folder.
         config: the run's resolved flags (saved; a resumed run must match them).
-        defaults: each flag's default, which a checkpoint written before that flag existed
-            is taken to have had.
         resume: continue from ``out/ckpt.pt``.
         monitor: validation metric that selects the best epoch (higher is better).
         device: torch device string.
+        seed: seed of the per-epoch batch generators.
+        progress: show a progress bar (rank 0 only).
+        lr_schedule: ``"constant"``, or ``"cosine"`` decay to 0 by the last step.
+        defaults: each flag's default, which a checkpoint written before that flag existed
+            is taken to have had.
     """
 
     def __init__(
