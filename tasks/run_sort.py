@@ -196,10 +196,8 @@ def main(argv: list[str] | None = None) -> dict:
     model = SortCNN(cfg.num_digits)
     extra = {"num_samples": cfg.num_samples} if cfg.sort == "neuralsort-stochastic" else {}
     relax = get_sort(cfg.sort, tau=cfg.tau, **extra)
-    optimizer = (
-        torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        if cfg.weight_decay
-        else torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    optimizer = torch.optim.Adam(  # decoupled (AdamW) decay; weight_decay 0 is plain Adam
+        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, decoupled_weight_decay=True
     )
     trainer = Trainer.from_flags(model, optimizer, cfg, monitor="val_select_acc")
     dev = trainer.device
