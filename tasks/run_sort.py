@@ -114,14 +114,11 @@ class SortConfig(RunFlags):
             "steps_per_epoch",
             "num_digits",
         )
-        least = dict.fromkeys(counts, 1) | {"near_groupings": 0, "shift": 0}
+        nonnegative = ("near_groupings", "shift", "rotate", "weight_decay")
+        least = dict.fromkeys(counts, 1) | dict.fromkeys(nonnegative, 0)
         for name, low in least.items():
-            if getattr(self, name) < low:
+            if not getattr(self, name) >= low:  # not `<`: NaN fails this too
                 raise ValueError(f"--{name} must be >= {low}, got {getattr(self, name)}")
-        if not self.weight_decay >= 0:
-            raise ValueError(f"--weight_decay must be >= 0, got {self.weight_decay}")
-        if not self.rotate >= 0:
-            raise ValueError(f"--rotate must be >= 0 (degrees), got {self.rotate}")
         if not 0 <= self.scale < 1:
             raise ValueError(f"--scale must be in [0, 1), got {self.scale}")
         if not 0 <= self.tied <= 1:
