@@ -334,6 +334,7 @@ def summarize(root: str | Path) -> None:
                 "tau": c["tau"],
                 "lr": c["lr"],
                 "groupings": c.get("groupings", 1),
+                "near_groupings": c.get("near_groupings", 0),
                 "val_exact": r.get("val_exact", 0.0),
                 "test_exact": r["test_exact"],
                 "test_elementwise": r["test_elementwise"],
@@ -346,9 +347,9 @@ def summarize(root: str | Path) -> None:
         return
     runs.sort(key=lambda r: (r["n"], r["sort"]))
     lines = [
-        "| n | relaxation | run | tau | lr | groupings | test exact | test element-wise | "
-        "paper (NeuralSort) | ms/step | steps | minutes |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| n | relaxation | run | tau | lr | groupings | near groupings | test exact | "
+        "test element-wise | paper (NeuralSort) | ms/step | steps | minutes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         paper = PAPER.get(r["n"])
@@ -356,7 +357,7 @@ def summarize(root: str | Path) -> None:
         minutes = "-" if r["minutes_to_best"] is None else f"{r['minutes_to_best']:.0f}"
         lines.append(
             f"| {r['n']} | {r['sort']} | {r['run']} | {r['tau']:g} | {r['lr']:g} | "
-            f"{r['groupings']} | "
+            f"{r['groupings']} | {r['near_groupings']} | "
             f"{r['test_exact']:.3f} | {r['test_elementwise']:.3f} | {ptxt} | "
             f"{r['ms_per_step']:.0f} | {r['steps']} | {minutes} |"
         )

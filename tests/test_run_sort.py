@@ -196,6 +196,9 @@ def test_summarize_tabulates_every_run_beside_it(tmp_path):
     run("a", 3, "neuralsort", 0.7, 0.7)
     run("c", 3, "sinkhorn", 0.6, 0.5)
     run("d", 3, "sinkhorn", 0.65, 0.45)  # better on test, worse on validation
+    near = json.loads((tmp_path / "d" / "results.json").read_text())
+    near["config"]["near_groupings"] = 20  # a run with near groupings; the others predate them
+    (tmp_path / "d" / "results.json").write_text(json.dumps(near))
     run_sort.summarize(tmp_path)
     text = (tmp_path / "summary.md").read_text()
     rows = [r for r in text.split("\n\n")[0].splitlines() if r.startswith("| ")]
@@ -204,6 +207,8 @@ def test_summarize_tabulates_every_run_beside_it(tmp_path):
     assert [(r["n"], r["sort"]) for r in table][:2] == [(3, "neuralsort"), (3, "sinkhorn")]
     assert "0.930 (0.951)" in rows[1]  # the paper's n = 3 figure beside it
     assert rows[1].startswith("| 3 | neuralsort | a | ")  # each run named by its folder
+    assert "| groupings | near groupings |" in rows[0]
+    assert "| 1 | 0 | 0.700 |" in rows[1] and "| d | 1 | 0.001 | 1 | 20 | 0.650 |" in rows[3]
     pivot = text.split("\n\n")[1].splitlines()
     assert pivot[0] == "| relaxation | n = 3 | n = 5 |"
     assert pivot[3] == "| sinkhorn | 0.600 (0.700), 200 ms | 0.400 (0.500), 200 ms |"
