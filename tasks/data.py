@@ -435,6 +435,37 @@ class MultiDigitSequences:
         values = (self.labels[idx] * self.place).sum(-1).float()
         return x, values
 
+    def sample_shared(
+        self,
+        batch: int,
+        reuse: int,
+        generator: torch.Generator | None = None,
+        shift: int = 0,
+        rotate: float = 0.0,
+        scale: float = 0.0,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(tiles, index, values)``: ``batch * n`` numbers built from ``batch * n *
+        num_digits / reuse`` digit images, each image in ``reuse`` numbers (at random places),
+        for ``SortCNN(tiles, index)``. ``tiles (U, 1, 28, 28)``, ``index (batch, n,
+        num_digits)`` into them, ``values (batch, n)``. Augmentation as in ``sample``, once
+        per tile. ``reuse 1`` draws the numbers of ``sample`` (without tied sequences)."""
+        slots = batch * self.n * self.num_digits
+        if reuse < 1 or slots % reuse:
+            raise ValueError(
+                f"reuse must be >= 1 and divide batch * n * num_digits = {slots}, got {reuse}"
+            )
+        count = slots // reuse
+        tiles = torch.randint(len(self.labels), (count,), generator=generator)
+        index = torch.rand(reuse, count, generator=generator).argsort(-1)
+        index = index.reshape(batch, self.n, self.num_digits)
+        digits = self.images[tiles]
+        if rotate > 0 or scale > 0:
+            digits = random_affine(digits, rotate, scale, shift, generator)
+        elif shift > 0:
+            digits = random_shift(digits, shift, generator)
+        values = (self.labels[tiles][index] * self.place).sum(-1).float()
+        return digits, index, values
+
     def fixed(self, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A fixed, seeded set of ``count`` sequences (for validation and test)."""
         return self.sample(count, torch.Generator().manual_seed(seed))

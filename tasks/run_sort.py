@@ -77,6 +77,14 @@ class SortConfig(RunFlags):
             "curriculum for the lower digits; 0: the paper's uniform numbers)"
         },
     )
+    digit_reuse: int = field(
+        default=1,
+        metadata={
+            "help": "build a step's numbers from 1/this as many digit images, each image in "
+            "this many numbers; the CNN convolves each image once (faster steps, same CNN; "
+            "1: every digit its own image, the paper)"
+        },
+    )
     shift: int = field(
         default=0, metadata={"help": "move each training digit by up to this many pixels"}
     )
@@ -113,6 +121,7 @@ class SortConfig(RunFlags):
             "num_epochs",
             "steps_per_epoch",
             "num_digits",
+            "digit_reuse",
         )
         nonnegative = ("near_groupings", "shift", "rotate", "weight_decay")
         least = dict.fromkeys(counts, 1) | dict.fromkeys(nonnegative, 0)
@@ -123,6 +132,14 @@ class SortConfig(RunFlags):
             raise ValueError(f"--scale must be in [0, 1), got {self.scale}")
         if not 0 <= self.tied <= 1:
             raise ValueError(f"--tied must be in [0, 1], got {self.tied}")
+        slots = self.batch_size * self.n * self.num_digits
+        if slots % self.digit_reuse:
+            raise ValueError(
+                f"--digit_reuse must divide batch_size * n * num_digits = {slots}, "
+                f"got {self.digit_reuse}"
+            )
+        if self.digit_reuse > 1 and self.tied:
+            raise ValueError("--digit_reuse > 1 draws uniform numbers only; use --tied 0")
         self.out = self.out or f"results/sort/n{self.n}-{self.sort}-t{self.tau:g}"
 
 
@@ -206,15 +223,16 @@ def main(argv: list[str] | None = None) -> dict:
 
     def train_step(net, gen):
         t0 = time.perf_counter()
-        x, values = train.sample(
-            cfg.batch_size,
-            gen,
-            shift=cfg.shift,
-            tied=cfg.tied,
-            rotate=cfg.rotate,
-            scale=cfg.scale,
-        )
-        scores, values = scores_of(net, x), values.to(dev)
+        augment = {"shift": cfg.shift, "rotate": cfg.rotate, "scale": cfg.scale}
+        if cfg.digit_reuse > 1:
+            tiles, index, values = train.sample_shared(
+                cfg.batch_size, cfg.digit_reuse, gen, **augment
+            )
+            scores = net(tiles.to(dev), index.flatten(0, 1).to(dev)).view(values.shape)
+        else:
+            x, values = train.sample(cfg.batch_size, gen, tied=cfg.tied, **augment)
+            scores = scores_of(net, x)
+        values = values.to(dev)
         if cfg.groupings > 1 or cfg.near_groupings:  # the same scores, in more sequences
             parts = [regroup(cfg.batch_size * cfg.n, cfg.n, cfg.groupings, gen)]
             if cfg.near_groupings:
