@@ -123,6 +123,54 @@ def test_cnn_scores_each_image():
     assert torch.allclose(net(x[2:3]), net(x)[2:3], atol=1e-5)
 
 
+def blank_edged_tiles(count: int) -> torch.Tensor:
+    tiles = torch.rand(count, 1, 28, 28, dtype=torch.float64)
+    tiles[..., [0, 1, 26, 27]] = 0.0  # like most MNIST digits
+    return tiles
+
+
+@pytest.mark.parametrize("num_digits", [1, 2, 4])
+def test_cnn_on_shared_tiles_is_the_cnn_on_the_numbers(num_digits):
+    torch.manual_seed(0)
+    net = SortCNN(num_digits).double()
+    tiles = blank_edged_tiles(5)
+    index = torch.randint(5, (7, num_digits))  # repeats within a number too
+    numbers = tiles[index].permute(0, 2, 3, 1, 4).reshape(7, 1, 28, 28 * num_digits)
+    shared, full = net(tiles, index), net(numbers)
+    torch.testing.assert_close(shared, full, rtol=1e-12, atol=1e-12)
+    weights = torch.randn(7, dtype=torch.float64)
+    grads = [torch.autograd.grad(y @ weights, list(net.parameters())) for y in (shared, full)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="index must be"):
+        net(tiles, index[:, :1] if num_digits > 1 else index.repeat(1, 2))
+
+
+def test_ink_at_a_tile_edge_changes_the_shared_scores_a_little():
+    torch.manual_seed(0)
+    net = SortCNN(2).double()
+    tiles, index = torch.rand(3, 1, 28, 28, dtype=torch.float64), torch.tensor([[0, 1], [2, 0]])
+    numbers = tiles[index].permute(0, 2, 3, 1, 4).reshape(2, 1, 28, 56)
+    shared, full = net(tiles, index), net(numbers)
+    assert not torch.allclose(shared, full, rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(shared, full, rtol=0.05, atol=0.05)
+
+
+def test_shared_samples_use_each_tile_reuse_times():
+    labels = torch.arange(10).repeat(3)
+    images = torch.arange(30.0).view(30, 1, 1, 1).expand(30, 1, 28, 28)  # image i is all i
+    seqs = MultiDigitSequences(images, labels, n=3, num_digits=2)
+    tiles, index, values = seqs.sample_shared(8, 4, torch.Generator().manual_seed(0))
+    assert tiles.shape == (8 * 3 * 2 // 4, 1, 28, 28) and index.shape == (8, 3, 2)
+    assert (torch.bincount(index.flatten(), minlength=12) == 4).all()
+    tile_labels = labels[tiles[:, 0, 0, 0].long()]
+    assert torch.equal(values, (tile_labels[index] * torch.tensor([10, 1])).sum(-1).float())
+    moved, _, same = seqs.sample_shared(8, 4, torch.Generator().manual_seed(0), shift=2)
+    assert torch.equal(same, values) and not torch.equal(moved, tiles)
+    with pytest.raises(ValueError, match="reuse must be >= 1 and divide"):
+        seqs.sample_shared(8, 5)
+
+
 @pytest.mark.parametrize("sort", run_sort.SORTS)
 def test_every_relaxation_trains_end_to_end(sort, tmp_path):
     out = tmp_path / sort
@@ -164,6 +212,16 @@ def test_training_flags_change_training(flag, value, tmp_path):
     assert other["config"][flag] == value and plain["config"][flag] == 0
 
 
+def test_digit_reuse_changes_training_and_is_recorded(tmp_path):
+    args = [*TINY, "--num_epochs", "1", "--shift", "1"]
+    plain = run_sort.main([*args, "--out", str(tmp_path / "a")])
+    shared = run_sort.main([*args, "--digit_reuse", "4", "--out", str(tmp_path / "b")])
+    loss = [(tmp_path / d / "metrics.csv").read_text().splitlines()[1] for d in "ab"]
+    assert loss[0] != loss[1]
+    assert shared["config"]["digit_reuse"] == 4 and plain["config"]["digit_reuse"] == 1
+    assert 0.0 <= shared["test_exact"] <= shared["test_elementwise"] <= 1.0
+
+
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
@@ -176,6 +234,8 @@ def test_training_flags_change_training(flag, value, tmp_path):
         (["--rotate", "-5"], "--rotate must be >= 0"),
         (["--scale", "1"], "--scale must be in [0, 1)"),
         (["--weight_decay", "-1"], "--weight_decay must be >= 0"),
+        (["--digit_reuse", "5"], "--digit_reuse must divide batch_size * n * num_digits = 48"),
+        (["--digit_reuse", "2", "--tied", "0.5"], "use --tied 0"),
         (["--sort", "bogosort"], "invalid choice"),
     ],
 )
