@@ -14,6 +14,9 @@ pass) at K times the relaxation's cost. ``--groupings 1`` is the paper's samplin
 ``--near_groupings J`` adds J groupings of numbers close in value (runs of n in value order), in
 which the lower digits decide the order; the CNN otherwise learns them last (uniform numbers mostly
 differ in their first digit).
+``--digit_reuse R`` builds the step's numbers from R times fewer digit images, each image in R
+numbers, and the CNN convolves each image once (``SortCNN(tiles, index)``, the same function):
+cheaper steps that see fewer distinct digits.
 
 ``--shift``, ``--rotate`` and ``--scale`` move, rotate and zoom every training digit at random
 (augmentation: at batch 10 and 3,000 steps an epoch, each training digit is seen ~11 times an
@@ -353,6 +356,7 @@ def summarize(root: str | Path) -> None:
                 "lr": c["lr"],
                 "groupings": c.get("groupings", 1),
                 "near_groupings": c.get("near_groupings", 0),
+                "digit_reuse": c.get("digit_reuse", 1),
                 "val_exact": r.get("val_exact", 0.0),
                 "test_exact": r["test_exact"],
                 "test_elementwise": r["test_elementwise"],
@@ -365,9 +369,9 @@ def summarize(root: str | Path) -> None:
         return
     runs.sort(key=lambda r: (r["n"], r["sort"]))
     lines = [
-        "| n | relaxation | run | tau | lr | groupings | near groupings | test exact | "
-        "test element-wise | paper (NeuralSort) | ms/step | steps | minutes |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| n | relaxation | run | tau | lr | groupings | near groupings | digit reuse | "
+        "test exact | test element-wise | paper (NeuralSort) | ms/step | steps | minutes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         paper = PAPER.get(r["n"])
@@ -375,7 +379,7 @@ def summarize(root: str | Path) -> None:
         minutes = "-" if r["minutes_to_best"] is None else f"{r['minutes_to_best']:.0f}"
         lines.append(
             f"| {r['n']} | {r['sort']} | {r['run']} | {r['tau']:g} | {r['lr']:g} | "
-            f"{r['groupings']} | {r['near_groupings']} | "
+            f"{r['groupings']} | {r['near_groupings']} | {r['digit_reuse']} | "
             f"{r['test_exact']:.3f} | {r['test_elementwise']:.3f} | {ptxt} | "
             f"{r['ms_per_step']:.0f} | {r['steps']} | {minutes} |"
         )

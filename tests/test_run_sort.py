@@ -255,7 +255,8 @@ def test_summarize_tabulates_every_run_beside_it(tmp_path):
     run("b", 5, "sinkhorn", 0.4, 0.4)
     run("a", 3, "neuralsort", 0.7, 0.7)
     run("c", 3, "sinkhorn", 0.6, 0.5)
-    run("d", 3, "sinkhorn", 0.65, 0.45, near_groupings=20)  # better on test, worse on val
+    # d: better on test than c, worse on validation
+    run("d", 3, "sinkhorn", 0.65, 0.45, near_groupings=20, digit_reuse=4)
     run_sort.summarize(tmp_path)
     text = (tmp_path / "summary.md").read_text()
     rows = [r for r in text.split("\n\n")[0].splitlines() if r.startswith("| ")]
@@ -264,8 +265,9 @@ def test_summarize_tabulates_every_run_beside_it(tmp_path):
     assert [(r["n"], r["sort"]) for r in table][:2] == [(3, "neuralsort"), (3, "sinkhorn")]
     assert "0.930 (0.951)" in rows[1]  # the paper's n = 3 figure beside it
     assert rows[1].startswith("| 3 | neuralsort | a | ")  # each run named by its folder
-    assert "| groupings | near groupings |" in rows[0]
-    assert "| 1 | 0 | 0.700 |" in rows[1] and "| d | 1 | 0.001 | 1 | 20 | 0.650 |" in rows[3]
+    assert "| groupings | near groupings | digit reuse |" in rows[0]
+    assert "| 1 | 0 | 1 | 0.700 |" in rows[1]  # runs before a flag read its default
+    assert "| d | 1 | 0.001 | 1 | 20 | 4 | 0.650 |" in rows[3]
     pivot = text.split("\n\n")[1].splitlines()
     assert pivot[0] == "| relaxation | n = 3 | n = 5 |"
     assert pivot[3] == "| sinkhorn | 0.600 (0.700), 200 ms | 0.400 (0.500), 200 ms |"
@@ -280,3 +282,22 @@ def test_best_epoch_breaks_exact_ties_by_elementwise_accuracy(tmp_path, monkeypa
     r = run_sort.main([*TINY, "--num_epochs", "2", "--out", str(tmp_path / "run")])
     assert r["best_epoch"] == 2 and r["val_exact"] == 0.0
     assert r["test_exact"] == 0.0 and r["test_elementwise"] == 0.40  # the third call: test
+
+
+def test_step_benchmark_times_each_digit_reuse(tmp_path, capsys):
+    from tasks import bench_sort_step
+
+    out = tmp_path / "bench"
+    args = ["--dataset", "mnist5k", "--n", "3", "--batch_size", "4", "--steps", "2"]
+    rows = bench_sort_step.main([*args, "--reuse", "1", "2", "--threads", "1", "--out", str(out)])
+    assert [r["digit_reuse"] for r in rows] == [1, 2]
+    assert [r["digit_images_per_step"] for r in rows] == [48, 24]
+    assert all(r["ms_per_step"] > 0 for r in rows)
+    saved = json.loads((out / "bench_sort_step.json").read_text())
+    assert saved["rows"] == rows and saved["config"]["steps"] == 2
+    assert len((out / "bench_sort_step.csv").read_text().splitlines()) == 3
+    assert (out / "bench_sort_step.png").stat().st_size > 0
+    assert not list(out.glob("*/results.json"))  # the runs themselves stay in a temporary folder
+    with pytest.raises(SystemExit):
+        bench_sort_step.main([*args, "--reuse", "0", "--out", str(out)])
+    assert "--reuse values must be >= 1" in capsys.readouterr().err
