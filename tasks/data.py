@@ -448,7 +448,8 @@ class MultiDigitSequences:
         num_digits / reuse`` digit images, each image in ``reuse`` numbers (at random places),
         for ``SortCNN(tiles, index)``. ``tiles (U, 1, 28, 28)``, ``index (batch, n,
         num_digits)`` into them, ``values (batch, n)``. Augmentation as in ``sample``, once
-        per tile. ``reuse 1`` draws the numbers of ``sample`` (without tied sequences)."""
+        per tile. ``reuse 1``: every digit its own image, as in ``sample`` (which also draws
+        tied sequences)."""
         slots = batch * self.n * self.num_digits
         if reuse < 1 or slots % reuse:
             raise ValueError(

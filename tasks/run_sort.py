@@ -15,8 +15,8 @@ pass) at K times the relaxation's cost. ``--groupings 1`` is the paper's samplin
 which the lower digits decide the order; the CNN otherwise learns them last (uniform numbers mostly
 differ in their first digit).
 ``--digit_reuse R`` builds the step's numbers from R times fewer digit images, each image in R
-numbers, and the CNN convolves each image once (``SortCNN(tiles, index)``, the same function):
-cheaper steps that see fewer distinct digits.
+numbers, and the CNN convolves each image once (``SortCNN(tiles, index)``, the same function
+while the digits' outer columns are blank): cheaper steps that see fewer distinct digits.
 
 ``--shift``, ``--rotate`` and ``--scale`` move, rotate and zoom every training digit at random
 (augmentation: at batch 10 and 3,000 steps an epoch, each training digit is seen ~11 times an
