@@ -373,6 +373,20 @@ def denoising_splits(seed: int = 0, n_train: int = 9000, n_samples: int = 10_000
 
 
 # --------------------------------------------------------------------------- multi-digit sorting
+def _augment_digits(
+    x: torch.Tensor,
+    shift: int,
+    rotate: float,
+    scale: float,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """``MultiDigitSequences``' augmentation of digits ``x (B, 1, 28, 28)``: ``random_affine``
+    when ``rotate`` or ``scale`` > 0 (the shift then continuous), else ``random_shift``."""
+    if rotate > 0 or scale > 0:
+        return random_affine(x, rotate, scale, shift, generator)
+    return random_shift(x, shift, generator)  # x itself when shift is 0
+
+
 class MultiDigitSequences:
     """Sequences of ``n`` numbers, each drawn as ``num_digits`` MNIST digits side by side
     (the NeuralSort large-MNIST sorting task).
@@ -426,11 +440,8 @@ class MultiDigitSequences:
             same = self.by_label[self.starts[digit] + nth]  # an image of that digit
             idx = torch.where(torch.arange(self.num_digits) < prefix, same, idx)
         digits = self.images[idx]  # (batch, n, l, 1, 28, 28)
-        if rotate > 0 or scale > 0:
-            flat = digits.flatten(0, 2)
-            digits = random_affine(flat, rotate, scale, shift, generator).reshape(digits.shape)
-        elif shift > 0:
-            digits = random_shift(digits.flatten(0, 2), shift, generator).reshape(digits.shape)
+        flat = _augment_digits(digits.flatten(0, 2), shift, rotate, scale, generator)
+        digits = flat.reshape(digits.shape)
         x = digits.permute(0, 1, 3, 4, 2, 5).reshape(batch, self.n, 1, 28, 28 * self.num_digits)
         values = (self.labels[idx] * self.place).sum(-1).float()
         return x, values
@@ -459,11 +470,7 @@ class MultiDigitSequences:
         tiles = torch.randint(len(self.labels), (count,), generator=generator)
         index = torch.rand(reuse, count, generator=generator).argsort(-1)
         index = index.reshape(batch, self.n, self.num_digits)
-        digits = self.images[tiles]
-        if rotate > 0 or scale > 0:
-            digits = random_affine(digits, rotate, scale, shift, generator)
-        elif shift > 0:
-            digits = random_shift(digits, shift, generator)
+        digits = _augment_digits(self.images[tiles], shift, rotate, scale, generator)
         values = (self.labels[tiles][index] * self.place).sum(-1).float()
         return digits, index, values
 
