@@ -6,8 +6,8 @@
 Each R runs ``run_sort.main`` itself for ``--steps`` training steps (one epoch, tiny validation
 and test sets, in a temporary folder) with the sorting flags below, and reads the mean seconds
 per step it records. Run it on an idle machine: the figures are only comparable within one run.
-Writes ``bench_sort_step.csv`` / ``.json`` (one row per R) and ``bench_sort_step.png`` (ms per
-step and ms per number image against R) to ``--out``.
+Writes ``bench_sort_step.csv`` / ``.json`` (one row per R: ms per step and digit images per step)
+and ``bench_sort_step.png`` (ms per step against R) to ``--out``.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             out = Path(tmp) / f"reuse{r}" / "run"
             result = run_sort.main([*flags, "--digit_reuse", str(r), "--out", str(out)])
             ms = 1000 * result["seconds_per_step"]
-            images = cfg.batch_size * cfg.n * run_sort.SortConfig.num_digits // r
+            images = cfg.batch_size * cfg.n * result["config"]["num_digits"] // r
             rows.append({"digit_reuse": r, "ms_per_step": ms, "digit_images_per_step": images})
             print(f"--digit_reuse {r}: {ms:.1f} ms/step, {images} digit images a step")
     out = Path(cfg.out)
