@@ -1,0 +1,1 @@
+"""The backend comparison: problem sets, the independent reference solver, the report."""
