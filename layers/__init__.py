@@ -1,22 +1,27 @@
 """optlayers: differentiable optimization layers for PyTorch.
 
-* ``layers.sort``: sort relaxations behind one interface (``get_sort(name)``, ``SORTS``).
+* ``layers.sort``: sort relaxations behind one interface (``get_sort(name)``, ``SORTS``);
+  ``layers.sort_lp``: the regularized-LP relaxations and their CVXPY statements.
 * ``layers.knn``: hard kNN and the differentiable kNN (``DKNN``).
-* ``layers.qp``: the OptNet QP layer (``qp``, ``OptNetQP``) and its batched IPM solver.
-* ``layers.tv``: total-variation denoising (``tv_denoise``, ``TVDenoise``).
-* ``layers.backends``: the solver-backend table (``BACKENDS``, ``get_backend``).
+* ``layers.qp``: the OptNet QP layer (``qp``, ``OptNetQP``); ``layers.qp_ipm``: its batched
+  interior-point solver (``solve_qp``) and adjoint.
+* ``layers.tv``: total-variation denoising (``tv_denoise``, ``TVDenoise``); ``layers.tv_native``:
+  its native solver.
+* ``layers.backends``: the solver-backend table (``BACKENDS``, ``get_backend``), the single source
+  of every backend's settings; ``layers.cvxpy_layer``: a CVXPY problem as a layer.
+
+Imports run one way: ``_checks``, ``_batched`` <- ``qp_ipm``, ``tv_native`` <- ``backends`` <-
+``qp_problem``, ``qp_solve`` <- ``cvxpy_layer`` <- ``qp``, ``sort_lp``, ``sort``, ``tv``, ``knn``
+<- this package. Importing it does not import cvxpy: the CVXPY-backed layers import it when they
+are built.
 """
 
-from layers.backends import (
-    BACKENDS,
-    DEFAULT_BACKEND,
-    Backend,
-    CvxpyProblemLayer,
-    SolverError,
-    get_backend,
-)
+from layers._checks import SolverError
+from layers.backends import BACKENDS, DEFAULT_BACKEND, Backend, get_backend
+from layers.cvxpy_layer import CvxpyProblemLayer
 from layers.knn import DKNN, knn_vote, nearest_neighbors, pairwise_sq_dists
-from layers.qp import STATUS_NAMES, OptNetQP, QPInfo, QPSolution, kkt_residuals, qp, solve_qp
+from layers.qp import OptNetQP, qp
+from layers.qp_ipm import STATUS_NAMES, QPInfo, QPSolution, kkt_residuals, solve_qp
 from layers.sort import (
     SORTS,
     LPBirkhoff,

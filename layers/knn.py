@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 import torch
 
+from layers.sort import SortRelaxation, get_sort
+
 __all__ = ["DKNN", "knn_vote", "nearest_neighbors", "pairwise_sq_dists"]
 
 
@@ -101,10 +103,14 @@ class DKNN(torch.nn.Module):
         **sort_kwargs: passed to the relaxation (e.g. ``num_samples``, ``backend``).
     """
 
-    def __init__(self, k: int, sort: Any = "neuralsort", tau: float = 16.0, **sort_kwargs: Any):
+    def __init__(
+        self,
+        k: int,
+        sort: str | SortRelaxation = "neuralsort",
+        tau: float = 16.0,
+        **sort_kwargs: Any,
+    ):
         super().__init__()
-        from layers.sort import SortRelaxation, get_sort
-
         if not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
         self.k = k

@@ -9,13 +9,7 @@ import cvxpy as cp
 import pytest
 import torch
 
-from layers.backends import (
-    BACKENDS,
-    DEFAULT_BACKEND,
-    CvxpyProblemLayer,
-    SolverError,
-    get_backend,
-)
+from layers import BACKENDS, DEFAULT_BACKEND, CvxpyProblemLayer, SolverError, get_backend
 
 HAS_MOREAU = importlib.util.find_spec("moreau") is not None
 HAS_QPTH = importlib.util.find_spec("qpth") is not None
@@ -30,10 +24,10 @@ def test_table():
         assert b.name == name and b.kind in {"torch", "cvxpylayers", "qpth"} and b.about
         assert 0 < b.check_tol <= 1e-5
     # diffcp rejects ``mode`` when no gradient is needed
-    assert "mode" not in BACKENDS["diffcp-clarabel"].solver_args(True, needs_grad=False)
-    assert BACKENDS["diffcp-clarabel"].solver_args(True, needs_grad=True)["mode"] == "dense"
+    assert "mode" not in BACKENDS["diffcp-clarabel"].solver_args("accurate", needs_grad=False)
+    assert BACKENDS["diffcp-clarabel"].solver_args("accurate", needs_grad=True)["mode"] == "dense"
     # moreau must use its interior point: 'auto' picks the active-set method for small QPs
-    assert BACKENDS["moreau"].tuned["solver"] == "ipm"
+    assert BACKENDS["moreau"].accurate["solver"] == "ipm"
 
 
 def test_get_backend_errors(monkeypatch):

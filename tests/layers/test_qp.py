@@ -15,8 +15,8 @@ import itertools
 import pytest
 import torch
 
-from layers.backends import BACKENDS, SolverError
-from layers.qp import OptNetQP, kkt_residuals, qp, solve_qp
+from layers import BACKENDS, SolverError
+from layers import OptNetQP, kkt_residuals, qp, solve_qp
 from tasks.backends.reference import random_qp, reference
 
 HAS_QPTH = importlib.util.find_spec("qpth") is not None
@@ -288,7 +288,7 @@ def test_inaccuracy_is_reported_not_returned():
     with pytest.raises(SolverError, match="iteration limit"):
         qp(*data, solver_args={"max_iter": 2})
     with pytest.raises(SolverError, match="KKT check"):  # SCS at its own loose defaults
-        qp(*data, backend="diffcp-scs", tuned=False, check_tol=1e-11)
+        qp(*data, backend="diffcp-scs", settings="defaults", check_tol=1e-11)
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 import layers.sort as S
-from layers.backends import CvxpyProblemLayer
+import layers.sort_lp as SL
+from layers import CvxpyProblemLayer
 from layers.sort import (
     SORTS,
     LPBirkhoff,
@@ -364,9 +365,9 @@ def test_permutahedron_chain_equals_full_polytope() -> None:
     z = torch.randn(3, n, dtype=torch.float64, generator=g) * 3
     w = torch.randn(3, n, dtype=torch.float64, generator=g)
     c = torch.sort(w, -1, descending=True).values.cumsum(-1)
-    full = S._qp_layer("permutahedron-full", n, 0, "moreau").solve(z, c)
+    full = SL._qp_layer("permutahedron-full", n, 0, "moreau").solve(z, c)
     # the O(n^2) formulation is degenerate (many auxiliary variables): solver accuracy ~1e-6
-    torch.testing.assert_close(S._project_permutahedron(z, w, "moreau"), full, atol=1e-5, rtol=0)
+    torch.testing.assert_close(SL._project_permutahedron(z, w, "moreau"), full, atol=1e-5, rtol=0)
 
 
 @pytest.mark.skipif(not HAS_TORCHSORT, reason="torchsort is not installed")
@@ -446,7 +447,7 @@ def test_lp_topk_gradcheck() -> None:
 
 @pytest.mark.parametrize("backend", ["moreau", "diffcp-clarabel", "diffcp-ecos", "diffcp-scs"])
 def test_lp_topk_gradient_accuracy_per_backend(backend: str) -> None:
-    """Each backend's vector-Jacobian product against the closed form (tuned settings)."""
+    """Each backend's vector-Jacobian product against the closed form (accurate settings)."""
     g = torch.Generator().manual_seed(5)
     x = torch.randn(4, 8, dtype=torch.float64, generator=g)
     v = torch.randn(4, 8, dtype=torch.float64, generator=g)
@@ -511,10 +512,10 @@ def test_lp_layers_batch_dtype_and_cache() -> None:
     torch.testing.assert_close(y[1, 2], lp_topk(x[1, 2], 2, 0.5))  # unbatched call
     assert lp_birkhoff_sort(x, 0.5).shape == (2, 3, 5, 5)
     assert soft_rank(x, 0.5).shape == (2, 3, 5)
-    misses = S._qp_layer.cache_info().misses
+    misses = SL._qp_layer.cache_info().misses
     lp_topk(torch.randn(7, 5), 2, 0.1)
     lp_birkhoff_sort(torch.randn(4, 5), 2.0)
-    assert S._qp_layer.cache_info().misses == misses  # built once per (n, k), never per call
+    assert SL._qp_layer.cache_info().misses == misses  # built once per (n, k), never per call
     P = lp_topk(torch.randn(1, 1), 1)  # n = 1
     assert P.shape == (1, 1) and P.item() == 1.0
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.autograd import gradcheck
 
-from layers.backends import SolverError
+from layers import SolverError
 from layers.tv import (
     TV_BACKENDS,
     TVDenoise,

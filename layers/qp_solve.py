@@ -1,0 +1,173 @@
+"""Solving a prepared QP with a backend, and checking the answer before the layer uses it.
+
+* :func:`run_ipm`, :func:`run_qpth`: the ``torch-ipm`` and ``qpth`` backends on a
+  :class:`~layers.qp_problem.QPProblem`, with the settings of :data:`layers.backends.BACKENDS`.
+* :func:`solve_checked`: run a backend, then raise :class:`~layers._checks.SolverError` naming the
+  batch elements without a solution or whose solution fails the relative KKT check
+  (:func:`layers.qp_ipm.kkt_residuals`), with a diagnosis by ``torch-ipm`` when another backend
+  fails. The CVXPY backends come in as a runner from :mod:`layers.qp`, so this module imports
+  no CVXPY code and :class:`~layers.cvxpy_layer.CvxpyProblemLayer` can use it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from layers._batched import one_thread
+from layers._checks import SolverError, format_indices
+from layers.backends import get_backend
+from layers.qp_ipm import (
+    INACCURATE,
+    STATUS_NAMES,
+    QPSolution,
+    kkt_residuals,
+    solve_qp,
+    solve_qp_differentiable,
+)
+from layers.qp_problem import QPProblem
+
+__all__ = ["CvxpyRunner", "run_ipm", "run_qpth", "solve_checked"]
+
+# ``(problem, backend, settings, solver_args) -> (x, lam, nu)`` for the cvxpylayers backends.
+CvxpyRunner = Callable[[QPProblem, str, str, dict[str, Any]], tuple[Tensor, Tensor, Tensor]]
+
+
+def run_ipm(
+    prob: QPProblem, settings: str, args: dict[str, Any]
+) -> tuple[Tensor, Tensor, Tensor, QPSolution]:
+    """The ``torch-ipm`` backend: :func:`~layers.qp_ipm.solve_qp_differentiable` with the table's
+    settings (``accurate`` or ``solver_defaults``), overridden by ``args``."""
+    opts = {**get_backend("torch-ipm").solver_args(settings, True), **args}
+    return solve_qp_differentiable(prob.Q, prob.q, prob.G, prob.h, prob.A, prob.b, **opts)
+
+
+def run_qpth(prob: QPProblem, settings: str, args: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
+    """The ``qpth`` backend (OptNet's solver); its duals come back detached."""
+    from qpth.qp import QPFunction
+
+    B, n, m, p = prob.sizes
+    G, h = prob.G, prob.h
+    if m == 0:  # qpth needs an inequality: 0'x <= 1 is inactive
+        G, h = prob.q.new_zeros(B, 1, n), prob.q.new_ones(B, 1)
+    A, b = (prob.A, prob.b) if p else (torch.Tensor().to(prob.q), torch.Tensor().to(prob.q))
+    opts = {
+        "verbose": -1,
+        "check_Q_spd": False,
+        **get_backend("qpth").solver_args(settings, True),
+        **args,
+    }
+    fn = QPFunction(**opts)
+    try:
+        inputs = [0.5 * (prob.Q + prob.Q.mT), prob.q, G, h, A, b]  # qpth uses Q as given
+        if not torch.is_grad_enabled() or not any(t.requires_grad for t in inputs):
+            inputs[1] = prob.q.detach().requires_grad_()  # build the graph to read the duals
+        with torch.enable_grad(), one_thread():
+            x = fn(*inputs)
+    except RuntimeError as err:
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+        raise SolverError(
+            f"backend 'qpth' failed: {' '.join(lines[:2])} (qpth needs Q positive definite)"
+        ) from err
+    ctx = x.grad_fn
+    lam = ctx.lams.detach()[:, :m] if m else prob.q.new_zeros(B, 0)
+    nu = ctx.nus.detach() if p else prob.q.new_zeros(B, 0)
+    data = [prob.Q, prob.q, prob.G, prob.h, prob.A, prob.b]
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in data)):
+        x = x.detach()
+    return x, lam, nu
+
+
+def solve_checked(
+    prob: QPProblem,
+    backend: str,
+    *,
+    settings: str,
+    solver_args: dict[str, Any],
+    check: bool,
+    check_tol: float | None,
+    run_cvxpy: CvxpyRunner | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Solve ``prob`` with ``backend`` and check the answer; returns batched ``(x, lam, nu)`` in
+    the working dtype. ``run_cvxpy`` solves with the cvxpylayers backends (required for them).
+    Raises :class:`SolverError` as :func:`layers.qp.qp` documents."""
+    be = get_backend(backend)
+    sol = None
+    try:
+        if be.kind == "torch":
+            x, lam, nu, sol = run_ipm(prob, settings, solver_args)
+        elif be.kind == "qpth":
+            x, lam, nu = run_qpth(prob, settings, solver_args)
+        elif run_cvxpy is None:
+            raise ValueError(f"backend {backend!r} needs a CVXPY runner here")
+        else:
+            x, lam, nu = run_cvxpy(prob, backend, settings, solver_args)
+    except SolverError as err:
+        msg = str(err).rstrip(". ")
+        raise SolverError(f"{msg}. {_diagnose(prob)}".strip(), _failed_elements(prob)) from err
+
+    if sol is not None and not bool(sol.info.ok.all()):
+        bad = sol.info.failed()
+        why = ", ".join(f"{i}: {STATUS_NAMES[int(sol.info.status[i])]}" for i in bad[:10])
+        raise SolverError(
+            f"qp ({backend}): no solution for batch elements {format_indices(bad)} ({why})", bad
+        )
+    if check_tol is None:
+        check_tol = be.check_tol
+    if check:
+        _check_kkt(prob, backend, x, lam, nu, check_tol)
+    if sol is not None and bool((sol.info.status == INACCURATE).any()):
+        idx = torch.nonzero(sol.info.status == INACCURATE).flatten().tolist()
+        warnings.warn(
+            f"qp (torch-ipm): batch elements {format_indices(idx)} solved only to sqrt(tol) "
+            "accuracy",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return x, lam, nu
+
+
+def _check_kkt(
+    prob: QPProblem, backend: str, x: Tensor, lam: Tensor, nu: Tensor, check_tol: float
+) -> None:
+    """Raise for the elements whose relative KKT residual exceeds ``check_tol``."""
+    with torch.no_grad():
+        Qs = 0.5 * (prob.Q + prob.Q.mT)
+        res = kkt_residuals(
+            Qs, prob.q, prob.G, prob.h, prob.A, prob.b, x.detach(), lam.detach(), nu.detach()
+        )
+    worst = torch.stack(res).amax(0)
+    bad = torch.nonzero(~(worst <= check_tol)).flatten().tolist()
+    if bad:
+        raise SolverError(
+            f"qp ({backend}): the solution fails the KKT check (relative residual > "
+            f"{check_tol:g}) for batch elements {format_indices(bad)}; worst "
+            f"{worst.max().item():.2e}. {_diagnose(prob, bad)}".strip(),
+            bad,
+        )
+
+
+def _failed_elements(prob: QPProblem) -> list[int]:
+    try:
+        return solve_qp(prob.Q, prob.q, prob.G, prob.h, prob.A, prob.b).info.failed()
+    except Exception:  # diagnostics must never mask the original error
+        return []
+
+
+def _diagnose(prob: QPProblem, idx: Sequence[int] | None = None) -> str:
+    """A sentence on what torch-ipm finds for the problem, to explain another backend's failure."""
+    try:
+        info = solve_qp(prob.Q, prob.q, prob.G, prob.h, prob.A, prob.b).info
+    except Exception:
+        return ""
+    bad = info.failed()
+    if bad:
+        why = ", ".join(f"{i}: {STATUS_NAMES[int(info.status[i])]}" for i in bad[:10])
+        return f"torch-ipm finds no solution for batch elements {format_indices(bad)} ({why})."
+    if idx:
+        return "torch-ipm solves them: the backend is inaccurate here."
+    return ""
