@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+from sklearn.datasets import load_digits
 from sklearn.neighbors import KNeighborsClassifier
 
 from layers.knn import knn_vote, nearest_neighbors, pairwise_sq_dists
-from tasks.data import load_dataset
+
+
+def _digits_split(test_size: int = 360, seed: int = 0):
+    """scikit-learn's digits (8 x 8, 1797 images), split once by a fixed permutation."""
+    x, y = load_digits(return_X_y=True)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    x, y = torch.as_tensor(x, dtype=torch.float64)[perm], torch.as_tensor(y)[perm]
+    return x[test_size:], y[test_size:], x[:test_size], y[:test_size]
 
 
 def test_pairwise_sq_dists():
@@ -18,12 +26,11 @@ def test_pairwise_sq_dists():
 @pytest.mark.parametrize("weighting", ["uniform", "distance"])
 @pytest.mark.parametrize("k", [1, 3, 5])
 def test_matches_sklearn(k, weighting):
-    d = load_dataset("digits")
-    tr, te = d.train_x.flatten(1).double(), d.test_x.flatten(1).double()
+    tr, train_y, te, _ = _digits_split()
     dist, idx = nearest_neighbors(te, tr, k, chunk_size=64)
-    pred = knn_vote(d.train_y[idx], dist, 10, weighting)
+    pred = knn_vote(train_y[idx], dist, 10, weighting)
     ref = KNeighborsClassifier(n_neighbors=k, weights=weighting, algorithm="brute")
-    ref.fit(tr.numpy(), d.train_y.numpy())
+    ref.fit(tr.numpy(), train_y.numpy())
     agree = (pred.numpy() == ref.predict(te.numpy())).mean()
     assert agree >= 0.995  # only exact-tie order may differ
 

@@ -1,7 +1,7 @@
-"""layers/qp.py: the OptNet QP layer, its solver and its backends.
+"""layers/qp.py: the OptNet QP layer and its backends (the solver itself: test_qp_ipm.py).
 
 Checks: closed forms (unconstrained, equality-only, box projection), a high-accuracy reference
-(Clarabel's active set + exact KKT solves, from tasks/bench_qp.py), float64 gradcheck per backend,
+(Clarabel's active set + exact KKT solves, tasks/backends/reference.py), float64 gradcheck per backend,
 pairwise agreement of every backend on x, duals and all six gradients, KKT residuals, broadcasting
 and dtypes, and the error paths.
 """
