@@ -10,10 +10,17 @@
 * ``layers.backends``: the solver-backend table (``BACKENDS``, ``get_backend``), the single source
   of every backend's settings; ``layers.cvxpy_layer``: a CVXPY problem as a layer.
 
-Imports run one way: ``_checks``, ``_batched`` <- ``qp_ipm``, ``tv_native`` <- ``backends`` <-
-``qp_problem``, ``qp_solve`` <- ``cvxpy_layer`` <- ``qp``, ``sort_lp``, ``sort``, ``tv``, ``knn``
-<- this package. Importing it does not import cvxpy: the CVXPY-backed layers import it when they
-are built.
+Imports run one way (``tests/test_imports.py`` checks it)::
+
+    _checks, _batched, _sort_common          input checks, SolverError, batched linear algebra
+      <- qp_ipm, tv_native, qp_problem       the solvers; the QP layer's input preparation
+      <- backends                            the table (imports nothing from layers)
+      <- qp_solve                            run a QP backend, check the answer
+      <- cvxpy_layer                         a CVXPY problem as a layer
+      <- qp, sort_lp <- sort <- knn, tv      the layers
+      <- layers (this package)               re-exports
+
+Importing it does not import cvxpy: the CVXPY-backed layers import it when they are built.
 """
 
 from layers._checks import SolverError
