@@ -133,8 +133,11 @@ def _step(v: Tensor, dv: Tensor) -> Tensor:
     return max_step(v, dv, dim=-1, cap=math.inf).squeeze(-1)
 
 
-def _box_step(su: Tensor, sl: Tensor, mu_u: Tensor, mu_l: Tensor, dz, du, dl) -> Tensor:
-    """The step to the boundary of ``lam -+ z >= 0`` and ``mu_u, mu_l >= 0``, per element."""
+def _box_step(
+    su: Tensor, sl: Tensor, mu_u: Tensor, mu_l: Tensor, dz: Tensor, du: Tensor, dl: Tensor
+) -> Tensor:
+    """The step to the boundary of ``su = lam - z >= 0``, ``sl = lam + z >= 0`` and
+    ``mu_u, mu_l >= 0`` along ``(dz, du, dl)``, per element ``(B,)``."""
     return torch.stack([_step(su, -dz), _step(sl, dz), _step(mu_u, du), _step(mu_l, dl)]).amin(0)
 
 

@@ -1,9 +1,9 @@
 """layers/qp.py: the OptNet QP layer and its backends (the solver itself: test_qp_ipm.py).
 
 Checks: closed forms (unconstrained, equality-only, box projection), a high-accuracy reference
-(Clarabel's active set + exact KKT solves, tasks/backends/reference.py), float64 gradcheck per backend,
-pairwise agreement of every backend on x, duals and all six gradients, KKT residuals, broadcasting
-and dtypes, and the error paths.
+(Clarabel's active set + exact KKT solves, tasks/backends/reference.py), float64 gradcheck per
+backend, pairwise agreement of every backend on x, duals and all six gradients, KKT residuals,
+broadcasting and dtypes, and the error paths.
 """
 
 from __future__ import annotations
