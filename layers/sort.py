@@ -55,9 +55,9 @@ from layers._sort_common import (
     straight_through,
     temperature,
 )
-from layers.backends import get_backend
 from layers.sort_lp import (
     DEFAULT_LP_BACKEND,
+    check_lp_backend,
     lp_birkhoff_sort,
     lp_permutahedron_sort,
     lp_permutahedron_topk,
@@ -410,7 +410,7 @@ class _LPRelaxation(SortRelaxation):
     ):
         super().__init__()
         self.regularization_strength = check_strength(regularization_strength)
-        get_backend(backend)
+        check_lp_backend(backend)
         self.backend = backend
         self.hard = bool(hard)
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from layers import sort_native
 from layers._sort_common import (
     centred,
     check_k,
@@ -27,12 +28,14 @@ from layers._sort_common import (
     hard_topk,
     straight_through,
 )
-from layers.backends import check_settings, get_backend
+from layers.backends import BACKENDS, check_settings, get_backend
 from layers.cvxpy_layer import CvxpyProblemLayer
 
 __all__ = [
     "DEFAULT_LP_BACKEND",
+    "LP_SORT_BACKENDS",
     "SortQPLayer",
+    "check_lp_backend",
     "lp_birkhoff_sort",
     "lp_permutahedron_sort",
     "lp_permutahedron_topk",
@@ -43,9 +46,26 @@ __all__ = [
     "sort_qp_problem",
 ]
 
-# The fastest backend whose gradients are accurate: moreau solves a whole batch in C++, and its
-# active-set method solves these QPs exactly.
+# "native" solves every LP relaxation exactly in torch (layers.sort_native); every backend of
+# the table solves its CVXPY statement (sort_qp_problem) through cvxpylayers.
+LP_SORT_BACKENDS: tuple[str, ...] = ("native", *BACKENDS)
 DEFAULT_LP_BACKEND = "moreau"
+
+
+def check_lp_backend(backend: str) -> None:
+    """``backend`` is ``"native"`` or an installed backend of the table; else a one-line error."""
+    if backend == "native":
+        return
+    if backend not in BACKENDS:
+        raise ValueError(
+            f"unknown backend {backend!r}; choose one of {', '.join(LP_SORT_BACKENDS)}"
+        )
+    get_backend(backend)
+
+
+def _working(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision inputs are solved in float32 (their range overflows in the solvers)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,6 +218,8 @@ def _project_permutahedron(z: torch.Tensor, w: torch.Tensor, backend: str) -> to
     solved through its dual, isotonic regression in the descending order of ``z`` (the
     ``"isotonic"`` problem), and the result is put back in item order. ``w`` may be broadcast.
     """
+    if backend == "native":
+        return sort_native.project_permutahedron(z, w)
     n = z.shape[-1]
     s, order = torch.sort(z, dim=-1, descending=True, stable=True)
     w_sorted = torch.sort(w, dim=-1, descending=True).values
@@ -236,7 +258,8 @@ def soft_sort(
         regularization_strength: ``eps > 0``. ``eps -> 0`` gives the exact sort; large ``eps``
             tends to the mean of ``values`` everywhere.
         hard: the exact sort in the forward pass, this relaxation's gradient.
-        backend: solver backend name (``layers.backends.BACKENDS``).
+        backend: ``"native"`` (exact, :mod:`layers.sort_native`) or a backend of
+            ``layers.backends.BACKENDS`` solving the CVXPY statement.
         descending: sort in descending order.
 
     Returns:
@@ -244,14 +267,15 @@ def soft_sort(
     """
     n = check_scores(values, "values")
     eps = check_strength(regularization_strength)
-    get_backend(backend)
+    check_lp_backend(backend)
+    x = _working(values)
     sign = 1.0 if descending else -1.0
-    rho = torch.arange(n, 0, -1, dtype=values.dtype, device=values.device) / eps
-    out = sign * _project_permutahedron(rho.expand_as(values), sign * values, backend)
+    rho = torch.arange(n, 0, -1, dtype=x.dtype, device=x.device) / eps
+    out = sign * _project_permutahedron(rho.expand_as(x), sign * x, backend)
     if hard:
-        exact = torch.sort(values, dim=-1, descending=descending).values
+        exact = torch.sort(x, dim=-1, descending=descending).values
         out = straight_through(exact, out)
-    return out
+    return out.to(values.dtype)
 
 
 def soft_rank(
@@ -281,15 +305,16 @@ def soft_rank(
     """
     n = check_scores(values, "values")
     eps = check_strength(regularization_strength)
-    get_backend(backend)
+    check_lp_backend(backend)
+    x = _working(values)
     sign = -1.0 if descending else 1.0
-    rho = torch.arange(n, 0, -1, dtype=values.dtype, device=values.device)
-    out = _project_permutahedron(sign * values / eps, rho, backend)
+    rho = torch.arange(n, 0, -1, dtype=x.dtype, device=x.device)
+    out = _project_permutahedron(sign * x / eps, rho, backend)
     if hard:  # position in the stable order of sign * values, ascending, from 1
-        order = torch.sort(sign * values, dim=-1, stable=True).indices
-        pos = torch.arange(1, n + 1, dtype=values.dtype, device=values.device).expand_as(values)
-        out = straight_through(torch.zeros_like(values).scatter(-1, order, pos), out)
-    return out
+        order = torch.sort(sign * x, dim=-1, stable=True).indices
+        pos = torch.arange(1, n + 1, dtype=x.dtype, device=x.device).expand_as(x)
+        out = straight_through(torch.zeros_like(x).scatter(-1, order, pos), out)
+    return out.to(values.dtype)
 
 
 def lp_topk(
@@ -318,16 +343,22 @@ def lp_topk(
     n = check_scores(scores)
     check_k(k, n)
     eps = check_strength(regularization_strength)
-    get_backend(backend)
+    check_lp_backend(backend)
+    x = _working(scores)
     if k == n:  # the feasible set is one point
-        y = torch.ones_like(scores) + 0 * scores
+        y = torch.ones_like(x) + 0 * x
+    elif backend == "native":
+        y = sort_native.topk_projection(centred(x) / eps, k)
     else:
-        y = _qp_layer("topk", n, k, backend).solve(centred(scores) / eps)
-    return straight_through(hard_topk(scores, k), y) if hard else y
+        y = _qp_layer("topk", n, k, backend).solve(centred(x) / eps)
+    y = straight_through(hard_topk(x, k), y) if hard else y
+    return y.to(scores.dtype)
 
 
 def _nested_topk_matrix(scores: torch.Tensor, eps: float, backend: str) -> torch.Tensor:
     """``P_hat[i] = T_{i+1} - T_i`` from the regularized top-k LPs ``T_k`` for all ``k``."""
+    if backend == "native":
+        return sort_native.nested_topk_matrix(centred(scores) / eps)
     n = scores.shape[-1]
     ks = torch.arange(1, n, device=scores.device)
     w = _topk_targets(n, ks, scores)  # (n - 1, n)
@@ -363,9 +394,11 @@ def lp_permutahedron_sort(
     """
     n = check_scores(scores)
     eps = check_strength(regularization_strength)
-    get_backend(backend)
-    P = _nested_topk_matrix(scores, eps, backend) if n > 1 else scores[..., None] * 0 + 1
-    return straight_through(hard_permutation(scores), P) if hard else P
+    check_lp_backend(backend)
+    x = _working(scores)
+    P = _nested_topk_matrix(x, eps, backend) if n > 1 else x[..., None] * 0 + 1
+    P = straight_through(hard_permutation(x), P) if hard else P
+    return P.to(scores.dtype)
 
 
 def lp_birkhoff_sort(
@@ -391,12 +424,18 @@ def lp_birkhoff_sort(
     """
     n = check_scores(scores)
     eps = check_strength(regularization_strength)
-    get_backend(backend)
+    check_lp_backend(backend)
+    x = _working(scores)
+    t = centred(x) / eps
     if n == 1:
-        P = scores[..., None] * 0 + 1
+        P = x[..., None] * 0 + 1
+    elif backend == "native":
+        r = torch.arange(n - 1, -n, -2, dtype=t.dtype, device=t.device)  # NeuralSort's weights
+        P = sort_native.birkhoff_projection(r.unsqueeze(-1) * t.unsqueeze(-2))
     else:
-        P = _qp_layer("birkhoff", n, 0, backend).solve(centred(scores) / eps)
-    return straight_through(hard_permutation(scores), P) if hard else P
+        P = _qp_layer("birkhoff", n, 0, backend).solve(t)
+    P = straight_through(hard_permutation(x), P) if hard else P
+    return P.to(scores.dtype)
 
 
 def lp_permutahedron_topk(
@@ -415,9 +454,12 @@ def lp_permutahedron_topk(
     n = check_scores(scores)
     check_k(k, n)
     eps = check_strength(regularization_strength)
+    check_lp_backend(backend)
+    x = _working(scores)
     if k == n:
-        y = torch.ones_like(scores) + 0 * scores
+        y = torch.ones_like(x) + 0 * x
     else:
-        w = _topk_targets(n, torch.tensor([k], device=scores.device), scores)[0]
-        y = _project_permutahedron(centred(scores) / eps, w, backend)
-    return straight_through(hard_topk(scores, k), y) if hard else y
+        w = _topk_targets(n, torch.tensor([k], device=x.device), x)[0]
+        y = _project_permutahedron(centred(x) / eps, w, backend)
+    y = straight_through(hard_topk(x, k), y) if hard else y
+    return y.to(scores.dtype)

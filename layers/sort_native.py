@@ -1,0 +1,404 @@
+"""Exact native solvers of the regularized LP sort relaxations.
+
+The CVXPY statements in :mod:`layers.sort_lp` define these problems; the functions here solve the
+same problems exactly, batched over all leading dims, on any device, with exact derivatives.
+
+* :func:`project_permutahedron` -- the Euclidean projection of ``z`` onto the permutahedron
+  ``P(w)`` (behind ``soft_sort``, ``soft_rank`` and ``lp_topk``): one sort, then the decreasing
+  isotonic regression of ``s - w`` (``s``, ``w`` sorted in descending order) by
+  pool-adjacent-violators, where every round merges all violating neighbour blocks at once.
+  Backward: the isotonic regression's Jacobian averages within the pooled blocks.
+* :func:`nested_topk_matrix` -- the ``n - 1`` capped-simplex projections
+  ``T_k = clip(z - nu_k, 0, 1)`` (``sum T_k = k``) behind ``lp_permutahedron_sort``, with every
+  threshold ``nu_k`` from one sort of ``z`` (the piecewise-linear ``sum clip(z - nu, 0, 1)`` is
+  evaluated at its ``2n`` breakpoints). Backward: ``J_k = diag(f_k) - f_k f_k' / |f_k|`` with
+  ``f_k`` the coordinates strictly between 0 and 1.
+* :func:`birkhoff_projection` -- the projection of ``C`` onto the doubly stochastic matrices
+  (the quadratically regularized Birkhoff LP): semismooth Newton on the dual ``(a, b)`` with
+  ``P = [C - a 1' - 1 b']_+``, finished by an exact solve on the final support. Backward: the
+  projection onto ``{Y supported on the support, Y 1 = 0, Y' 1 = 0}``.
+
+All arithmetic that decides the solution runs in float64; results come back in the input dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from layers._checks import SolverError, format_indices
+
+__all__ = [
+    "birkhoff_dual",
+    "birkhoff_projection",
+    "nested_topk_matrix",
+    "project_permutahedron",
+    "topk_projection",
+]
+
+F64 = torch.float64
+
+
+# ---------------------------------------------------------------------------------------------
+# Permutahedron: pool adjacent violators, all violating pairs per round
+# ---------------------------------------------------------------------------------------------
+
+
+def _block_mean(x: Tensor, block: Tensor, count: Tensor) -> Tensor:
+    """Per-block means ``(B, n)`` (entry ``b`` for block ``b``; unused entries 0)."""
+    return torch.zeros_like(x).scatter_add_(-1, block, x) / count
+
+
+def _pav_blocks(s: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+    """Blocks of the decreasing isotonic regression of ``y = s - w`` (rows of ``(B, n)``).
+
+    Returns ``(block, count)``: ``block (B, n)`` the block index of every position and
+    ``count (B, n)`` the size of each block (1 where unused, to divide safely). A pair of
+    neighbouring blocks violates when the mean of ``y`` rises from one to the next; comparing the
+    means of ``s`` and ``w`` separately keeps ties in huge ``s`` exact. Merging any violating pair
+    never separates an optimal block, so every round merges all of them.
+    """
+    B, n = s.shape
+    start = torch.ones(B, n, dtype=torch.bool, device=s.device)
+    ones = torch.ones_like(s)
+    for _ in range(n):
+        block = start.cumsum(-1) - 1
+        count = torch.zeros_like(s).scatter_add_(-1, block, ones).clamp_min_(1)
+        ms, mw = _block_mean(s, block, count), _block_mean(w, block, count)
+        cur = block[:, 1:]
+        prev = (cur - 1).clamp_min(0)
+        ds = ms.gather(-1, prev) - ms.gather(-1, cur)
+        dw = mw.gather(-1, prev) - mw.gather(-1, cur)
+        merge = start[:, 1:] & (ds < dw)
+        if not bool(merge.any()):
+            return block, count
+        start[:, 1:] &= ~merge
+    raise AssertionError("pool adjacent violators did not terminate")  # pragma: no cover
+
+
+def _block_average(x: Tensor, block: Tensor, count: Tensor) -> Tensor:
+    """Replace every entry by the mean over its block (same shape as ``x``)."""
+    return _block_mean(x, block, count).gather(-1, block)
+
+
+class _SortedProjection(torch.autograd.Function):
+    """``r = s - v``, ``v`` = decreasing isotonic regression of ``s - w`` (both sorted)."""
+
+    @staticmethod
+    def forward(ctx: Any, s: Tensor, w: Tensor) -> Tensor:  # type: ignore[override]
+        s64, w64 = s.to(F64), w.to(F64)
+        block, count = _pav_blocks(s64, w64)
+        # r = (s - mean_block s) + mean_block w: no cancellation between huge s and small w
+        r = s64 - _block_average(s64, block, count) + _block_average(w64, block, count)
+        ctx.save_for_backward(block, count)
+        return r.to(s.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        block, count = ctx.saved_tensors
+        avg = _block_average(g.to(F64), block, count).to(g.dtype)
+        return g - avg, avg
+
+
+def project_permutahedron(z: Tensor, w: Tensor) -> Tensor:
+    """Euclidean projection of ``z`` onto the permutahedron ``P(w)``, both ``(..., n)``.
+
+    ``argmax_{mu in P(w)} <z, mu> - |mu|^2 / 2`` (``w`` may be broadcast against ``z``).
+    Differentiable in ``z`` and ``w``.
+    """
+    shape = torch.broadcast_shapes(z.shape, w.shape)
+    n = shape[-1]
+    z, w = z.expand(shape).reshape(-1, n), w.expand(shape).reshape(-1, n)
+    s, order = torch.sort(z, dim=-1, descending=True, stable=True)
+    w_sorted = torch.sort(w, dim=-1, descending=True).values
+    r = _SortedProjection.apply(s, w_sorted)
+    return torch.zeros_like(r).scatter(-1, order, r).reshape(shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Nested top-k (capped simplex) projections: all thresholds from one sort
+# ---------------------------------------------------------------------------------------------
+
+
+def _topk_thresholds(z: Tensor, ks: Tensor) -> Tensor:
+    """``nu (B, len(ks))`` with ``sum_i clip(z_i - nu_j, 0, 1) = ks[j]`` (float64), ``0 < k < n``.
+
+    ``f(nu) = sum clip(z - nu, 0, 1)`` is piecewise linear with breakpoints ``z_i`` and
+    ``z_i - 1``. With ``s`` sorted descending and prefix sums ``S``, at any ``nu`` the entries at
+    1 are the top ``c1 = #{s >= nu + 1}`` and the free ones the next up to ``cf = #{s > nu}``,
+    so ``f(nu) = c1 + S[cf] - S[c1] - (cf - c1) nu``. ``nu_k`` lies on the segment after the last
+    breakpoint with ``f >= k``, where ``nu = (S[cf] - S[c1] + c1 - k) / (cf - c1)`` exactly.
+    """
+    B, n = z.shape
+    s = torch.sort(z, dim=-1, descending=True).values
+    asc = s.flip(-1).contiguous()
+    S = torch.cat([s.new_zeros(B, 1), s.cumsum(-1)], -1)  # S[j] = sum of the top j
+
+    def counts(nu: Tensor) -> tuple[Tensor, Tensor]:
+        c1 = n - torch.searchsorted(asc, (nu + 1).contiguous(), right=False)
+        cf = n - torch.searchsorted(asc, nu.contiguous(), right=True)
+        return c1, cf
+
+    bp = torch.sort(torch.cat([s, s - 1], -1), dim=-1).values  # ascending, (B, 2n)
+    c1, cf = counts(bp)
+    f = c1 + S.gather(-1, cf) - S.gather(-1, c1) - (cf - c1) * bp
+    f = f.flip(-1).cummax(-1).values.flip(-1)  # non-increasing along bp, despite rounding
+    k = ks.to(dtype=F64, device=z.device).expand(B, -1).contiguous()
+    # j = the last breakpoint with f >= k (f(bp_0) = n > k, f(bp_last) = 0 < k)
+    j = torch.searchsorted((-f).contiguous(), (-k).contiguous(), right=True) - 1
+    j = j.clamp(0, 2 * n - 2)
+    lo, hi = bp.gather(-1, j), bp.gather(-1, j + 1)
+    c1, cf = counts(0.5 * (lo + hi))
+    nu = (S.gather(-1, cf) - S.gather(-1, c1) + c1 - k) / (cf - c1).clamp_min(1)
+    return torch.where(cf > c1, nu.clamp(lo, hi), lo)
+
+
+def _chunks(B: int, n: int, budget: int = 1 << 24) -> list[slice]:
+    """Slices of the batch with at most ``budget`` entries of ``n x n`` temporaries each."""
+    step = max(1, budget // max(1, n * n))
+    return [slice(i, min(B, i + step)) for i in range(0, B, step)]
+
+
+class _TopK(torch.autograd.Function):
+    """``y = clip(z - nu_k, 0, 1)``, the projection of ``z (B, n)`` onto the capped simplex."""
+
+    @staticmethod
+    def forward(ctx: Any, z: Tensor, k: int) -> Tensor:  # type: ignore[override]
+        z64 = z.to(F64)
+        nu = _topk_thresholds(z64, torch.tensor([k]))
+        y = (z64 - nu).clamp(0, 1)
+        ctx.save_for_backward((y > 0) & (y < 1))
+        return y.to(z.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        (free,) = ctx.saved_tensors
+        f = free.to(g.dtype)
+        gf = g * f
+        return gf - f * gf.sum(-1, keepdim=True) / f.sum(-1, keepdim=True).clamp_min(1), None
+
+
+def topk_projection(z: Tensor, k: int) -> Tensor:
+    """Projection of ``z (..., n)`` onto ``{0 <= y <= 1, sum y = k}``, ``0 < k < n``:
+    ``clip(z - nu, 0, 1)``. Backward: ``diag(f) - f f' / |f|``, ``f`` the entries in (0, 1)."""
+    n = z.shape[-1]
+    return _TopK.apply(z.reshape(-1, n), k).reshape(z.shape)
+
+
+class _NestedTopK(torch.autograd.Function):
+    """``P (B, n, n)``: ``P[i] = T_{i+1} - T_i`` with ``T_k = clip(z - nu_k, 0, 1)``,
+    ``T_0 = 0``, ``T_n = 1``. Temporaries of size ``n x n`` are made a few elements at a time."""
+
+    @staticmethod
+    def forward(ctx: Any, z: Tensor) -> Tensor:  # type: ignore[override]
+        B, n = z.shape
+        nu = _topk_thresholds(z.to(F64), torch.arange(1, n)).to(z.dtype)
+        P = z.new_empty(B, n, n)
+        for c in _chunks(B, n):
+            T = (z[c].unsqueeze(-2) - nu[c].unsqueeze(-1)).clamp_(0, 1)  # (b, n - 1, n)
+            P[c, :-1] = T
+            P[c, -1] = 1
+            P[c, 1:] -= T
+        ctx.save_for_backward(z, nu)
+        return P
+
+    @staticmethod
+    def backward(ctx: Any, G: Tensor) -> Tensor:  # type: ignore[override]
+        z, nu = ctx.saved_tensors
+        gz = torch.empty_like(z)
+        for c in _chunks(z.shape[0], z.shape[-1]):
+            d = z[c].unsqueeze(-2) - nu[c].unsqueeze(-1)
+            f = ((d > 0) & (d < 1)).to(G.dtype)
+            gT = (G[c, :-1] - G[c, 1:]) * f  # dL/dT_k on the free entries
+            mean = gT.sum(-1, keepdim=True) / f.sum(-1, keepdim=True).clamp_min(1)
+            gz[c] = (gT - f * mean).sum(-2)
+        return gz
+
+
+def nested_topk_matrix(z: Tensor) -> Tensor:
+    """``P (..., n, n)`` with ``P[i] = T_{i+1} - T_i``, ``T_k`` the projection of ``z (..., n)``
+    onto ``{0 <= y <= 1, sum y = k}`` (``T_0 = 0``, ``T_n = 1``): doubly stochastic, every
+    threshold from one sort of ``z``."""
+    n = z.shape[-1]
+    return _NestedTopK.apply(z.reshape(-1, n)).reshape(*z.shape, n)
+
+
+# ---------------------------------------------------------------------------------------------
+# Birkhoff polytope: dual semismooth Newton with an exact finish
+# ---------------------------------------------------------------------------------------------
+
+
+def _support_solve(M: Tensor, ru: Tensor, rv: Tensor) -> tuple[Tensor, Tensor]:
+    """A solution of ``[[diag(M 1), M], [M', diag(M' 1)]] [u; v] = [ru; rv]`` (singular along
+    ``(c 1, -c 1)`` on every connected block of the support ``M (B, n, n)``, 0/1), for
+    ``ru, rv (B, n)``: the Schur complement on ``v`` with a tiny diagonal shift, then two steps
+    of iterative refinement against the unshifted system."""
+    delta = 1e-10
+    dr, dc = M.sum(-1), M.sum(-2)
+    dri = 1.0 / (dr + delta)
+    L, _ = torch.linalg.cholesky_ex(torch.diag_embed(dc + delta) - M.mT @ (dri.unsqueeze(-1) * M))
+
+    def apply(u: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        Mv, Mtu = (M @ v.unsqueeze(-1)).squeeze(-1), (M.mT @ u.unsqueeze(-1)).squeeze(-1)
+        return dr * u + Mv, dc * v + Mtu
+
+    def raw(eu: Tensor, ev: Tensor) -> tuple[Tensor, Tensor]:
+        rhs = ev - (M.mT @ (dri * eu).unsqueeze(-1)).squeeze(-1)
+        v = torch.cholesky_solve(rhs.unsqueeze(-1), L).squeeze(-1)
+        u = dri * (eu - (M @ v.unsqueeze(-1)).squeeze(-1))
+        return u, v
+
+    u, v = raw(ru, rv)
+    for _ in range(2):
+        au, av = apply(u, v)
+        cu, cv = raw(ru - au, rv - av)
+        u, v = u + cu, v + cv
+    return u, v
+
+
+def _exact_step(X: Tensor, du: Tensor, dv: Tensor, iters: int = 60) -> Tensor:
+    """The maximizer ``t >= 0`` of the concave piecewise quadratic
+    ``phi(t) = -|[X + t dX]_+|^2 / 2 - t (1'du + 1'dv)`` with ``dX = -(du 1' + 1 dv')``.
+
+    ``phi'`` is piecewise linear and non-increasing, with ``phi'(0) > 0`` along an ascent
+    direction. A bracket ``[lo, hi]`` with ``phi'(lo) > 0 >= phi'(hi)`` shrinks by Newton steps
+    on ``phi'`` (exact once no breakpoint lies between the iterate and the root), with bisection
+    when a step leaves the bracket. Shapes: ``X (B, n, n)``, ``du, dv (B, n)``.
+    """
+    dX = -(du.unsqueeze(-1) + dv.unsqueeze(-2))
+    lin = du.sum(-1) + dv.sum(-1)
+
+    def derivatives(t: Tensor) -> tuple[Tensor, Tensor]:
+        Y = X + t.view(-1, 1, 1) * dX
+        on = Y > 0
+        d1 = -(torch.where(on, Y * dX, 0.0)).sum((-2, -1)) - lin
+        d2 = -(torch.where(on, dX * dX, 0.0)).sum((-2, -1))
+        return d1, d2
+
+    lo, hi = torch.zeros_like(lin), torch.ones_like(lin)
+    d1, _ = derivatives(hi)
+    for _ in range(60):  # grow hi until phi'(hi) <= 0
+        grow = d1 > 0
+        if not bool(grow.any()):
+            break
+        lo, hi = torch.where(grow, hi, lo), torch.where(grow, 2 * hi, hi)
+        d1, _ = derivatives(hi)
+    t = lo
+    for _ in range(iters):
+        d1, d2 = derivatives(t)
+        lo, hi = torch.where(d1 > 0, t, lo), torch.where(d1 <= 0, t, hi)
+        step = torch.where(d2 < 0, t - d1 / d2.clamp(max=-1e-300), hi)
+        new = torch.where((step > lo) & (step < hi), step, 0.5 * (lo + hi))
+        new = torch.where(d1.abs() <= 1e-15 * (1 + lin.abs()), t, new)
+        if bool((new == t).all()):
+            break
+        t = new
+    return t
+
+
+def _band_start(C: Tensor) -> tuple[Tensor, Tensor]:
+    """A dual start from a guessed support: for ``C = r t'`` with ``r`` descending, row ``i``
+    (rank ``i``) next to the columns ranked ``i - 1, i, i + 1`` by ``t`` (the hard sort's
+    permutation, widened by one), with ``(a, b)`` making that support's rows and columns sum
+    to 1."""
+    n = C.shape[-1]
+    key = C[..., 0, :] - C[..., -1, :]  # (r_1 - r_n) t: orders the columns as t
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(
+        -1, order, torch.arange(n, device=C.device).expand_as(order).contiguous()
+    )
+    rows = torch.arange(n, device=C.device).view(1, n, 1)
+    M = ((rank.unsqueeze(-2) - rows).abs() <= 1).to(C.dtype)
+    G = C * M
+    return _support_solve(M, G.sum(-1) - 1.0, G.sum(-2) - 1.0)
+
+
+@torch.no_grad()
+def birkhoff_dual(
+    C: Tensor, max_iter: int = 100, start: tuple[Tensor, Tensor] | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Solve the Birkhoff projection of ``C (B, n, n)`` (float64) through its dual.
+
+    Maximizes the concave dual ``-|[C - a 1' - 1 b']_+|^2 / 2 - 1'a - 1'b`` by semismooth
+    Newton from ``start`` (default :func:`_band_start`). The Newton step on the current support
+    ``M`` (the entries of ``C - a 1' - 1 b'`` above minus rounding, so entries at zero keep the
+    support connected) is taken in full where it meets the optimality conditions
+    (``C - a 1' - 1 b'`` nonnegative on ``M`` and nonpositive off it, to rounding: then ``P`` is
+    exact) or increases the dual enough; elsewhere the exact step along it
+    (:func:`_exact_step`).
+
+    Returns ``(a, b, M, converged)``: the duals ``(B, n)``, the support ``(B, n, n)`` (0/1) with
+    ``P = (C - a 1' - 1 b') * M``, and ``(B,)`` bool.
+    """
+    B = C.shape[0]
+    a, b = _band_start(C) if start is None else (start[0].clone(), start[1].clone())
+    M = torch.zeros_like(C)
+    done = torch.zeros(B, dtype=torch.bool, device=C.device)
+    tau = 1e-13 * (1.0 + C.abs().amax((-2, -1)))  # rounding of an entry of C - a 1' - 1 b'
+    idx = torch.arange(B, device=C.device)  # the elements still iterating
+    for _ in range(max_iter):
+        if idx.numel() == 0:
+            break
+        Ci, ai, bi, ti = C[idx], a[idx], b[idx], tau[idx].view(-1, 1, 1)
+        X = Ci - ai.unsqueeze(-1) - bi.unsqueeze(-2)
+        Mi = (X > -ti).to(C.dtype)  # entries at zero join: they connect the support
+        P = X.clamp_min(0)
+        gu, gv = P.sum(-1) - 1.0, P.sum(-2) - 1.0  # the dual's gradient
+        du, dv = _support_solve(Mi, gu, gv)
+        X1 = X - du.unsqueeze(-1) - dv.unsqueeze(-2)
+        exact = ((X1 >= -ti) | (Mi == 0)).all(-1).all(-1) & ((X1 <= ti) | (Mi > 0)).all(-1).all(-1)
+        slope = (gu * du).sum(-1) + (gv * dv).sum(-1)
+        P1 = X1.clamp_min(0)
+        gain = 0.5 * ((P * P).sum((-2, -1)) - (P1 * P1).sum((-2, -1))) - du.sum(-1) - dv.sum(-1)
+        t = torch.ones_like(slope)
+        redo = ~exact & ~(gain >= 1e-4 * slope)
+        if bool(redo.any()):
+            t[redo] = _exact_step(X[redo], du[redo], dv[redo])
+        a[idx] = ai + t.unsqueeze(-1) * du
+        b[idx] = bi + t.unsqueeze(-1) * dv
+        M[idx] = Mi
+        done[idx] = exact
+        idx = idx[~exact]
+    return a, b, M, done
+
+
+class _BirkhoffProjection(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, C: Tensor) -> Tensor:  # type: ignore[override]
+        C64 = C.to(F64)
+        a, b, M, done = birkhoff_dual(C64)
+        if not bool(done.all()):  # again from the solutions of flatter problems (C / 4^k)
+            bad = torch.nonzero(~done).flatten()
+            Cb = C64[bad]
+            start = None
+            for k in (3, 2, 1):
+                a_k, b_k, _, _ = birkhoff_dual(Cb / 4**k, start=start)
+                start = (4 * a_k, 4 * b_k)
+            a[bad], b[bad], M[bad], done[bad] = birkhoff_dual(Cb, start=start)
+        if not bool(done.all()):
+            bad = torch.nonzero(~done).flatten().tolist()
+            raise SolverError(
+                f"lp_birkhoff_sort (native): no exact solution for batch elements "
+                f"{format_indices(bad)}; try backend='moreau'",
+                bad,
+            )
+        P = ((C64 - a.unsqueeze(-1) - b.unsqueeze(-2)) * M).clamp_min(0)
+        ctx.save_for_backward(M)
+        return P.to(C.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> Tensor:  # type: ignore[override]
+        (M,) = ctx.saved_tensors
+        G = g.to(F64) * M
+        u, v = _support_solve(M, G.sum(-1), G.sum(-2))
+        return (G - u.unsqueeze(-1) * M - v.unsqueeze(-2) * M).to(g.dtype)
+
+
+def birkhoff_projection(C: Tensor) -> Tensor:
+    """Projection of ``C (..., n, n)`` onto the doubly stochastic matrices:
+    ``argmin_{P >= 0, P 1 = 1, P' 1 = 1} |P - C|^2 / 2``, differentiable in ``C``."""
+    n = C.shape[-1]
+    out = _BirkhoffProjection.apply(C.reshape(-1, n, n))
+    return out.reshape(C.shape)
