@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 
-from layers import sort_native
 from layers._sort_common import (
     centred,
     check_k,
@@ -30,6 +29,12 @@ from layers._sort_common import (
 )
 from layers.backends import BACKENDS, check_settings, get_backend
 from layers.cvxpy_layer import CvxpyProblemLayer
+from layers.sort_native import (
+    birkhoff_projection,
+    nested_topk_matrix,
+    project_permutahedron,
+    topk_projection,
+)
 
 __all__ = [
     "DEFAULT_LP_BACKEND",
@@ -219,7 +224,7 @@ def _project_permutahedron(z: torch.Tensor, w: torch.Tensor, backend: str) -> to
     ``"isotonic"`` problem), and the result is put back in item order. ``w`` may be broadcast.
     """
     if backend == "native":
-        return sort_native.project_permutahedron(z, w)
+        return project_permutahedron(z, w)
     n = z.shape[-1]
     s, order = torch.sort(z, dim=-1, descending=True, stable=True)
     w_sorted = torch.sort(w, dim=-1, descending=True).values
@@ -348,7 +353,7 @@ def lp_topk(
     if k == n:  # the feasible set is one point
         y = torch.ones_like(x) + 0 * x
     elif backend == "native":
-        y = sort_native.topk_projection(centred(x) / eps, k)
+        y = topk_projection(centred(x) / eps, k)
     else:
         y = _qp_layer("topk", n, k, backend).solve(centred(x) / eps)
     y = straight_through(hard_topk(x, k), y) if hard else y
@@ -358,7 +363,7 @@ def lp_topk(
 def _nested_topk_matrix(scores: torch.Tensor, eps: float, backend: str) -> torch.Tensor:
     """``P_hat[i] = T_{i+1} - T_i`` from the regularized top-k LPs ``T_k`` for all ``k``."""
     if backend == "native":
-        return sort_native.nested_topk_matrix(centred(scores) / eps)
+        return nested_topk_matrix(centred(scores) / eps)
     n = scores.shape[-1]
     ks = torch.arange(1, n, device=scores.device)
     w = _topk_targets(n, ks, scores)  # (n - 1, n)
@@ -431,7 +436,7 @@ def lp_birkhoff_sort(
         P = x[..., None] * 0 + 1
     elif backend == "native":
         r = torch.arange(n - 1, -n, -2, dtype=t.dtype, device=t.device)  # NeuralSort's weights
-        P = sort_native.birkhoff_projection(r.unsqueeze(-1) * t.unsqueeze(-2))
+        P = birkhoff_projection(r.unsqueeze(-1) * t.unsqueeze(-2))
     else:
         P = _qp_layer("birkhoff", n, 0, backend).solve(t)
     P = straight_through(hard_permutation(x), P) if hard else P
