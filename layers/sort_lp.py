@@ -216,7 +216,14 @@ def _qp_layer(kind: str, n: int, k: int, backend: str) -> SortQPLayer:
     return sort_qp_layer(kind, n, k, backend)
 
 
-def _project_permutahedron(z: torch.Tensor, w: torch.Tensor, backend: str) -> torch.Tensor:
+def _project_permutahedron(
+    z: torch.Tensor,
+    w: torch.Tensor,
+    backend: str,
+    *,
+    z_sorted: bool = False,
+    w_sorted: bool = False,
+) -> torch.Tensor:
     """Euclidean projection of ``z`` onto the permutahedron ``P(w)``, both ``(..., n)``.
 
     This is the quadratically regularized LP ``argmax_{mu in P(w)} <z, mu> - |mu|^2 / 2``. It is
@@ -224,7 +231,7 @@ def _project_permutahedron(z: torch.Tensor, w: torch.Tensor, backend: str) -> to
     ``"isotonic"`` problem), and the result is put back in item order. ``w`` may be broadcast.
     """
     if backend == "native":
-        return project_permutahedron(z, w)
+        return project_permutahedron(z, w, z_sorted=z_sorted, w_sorted=w_sorted)
     n = z.shape[-1]
     s, order = torch.sort(z, dim=-1, descending=True, stable=True)
     w_sorted = torch.sort(w, dim=-1, descending=True).values
@@ -276,7 +283,7 @@ def soft_sort(
     x = _working(values)
     sign = 1.0 if descending else -1.0
     rho = torch.arange(n, 0, -1, dtype=x.dtype, device=x.device) / eps
-    out = sign * _project_permutahedron(rho.expand_as(x), sign * x, backend)
+    out = sign * _project_permutahedron(rho.expand_as(x), sign * x, backend, z_sorted=True)
     if hard:
         exact = torch.sort(x, dim=-1, descending=descending).values
         out = straight_through(exact, out)
@@ -314,7 +321,7 @@ def soft_rank(
     x = _working(values)
     sign = -1.0 if descending else 1.0
     rho = torch.arange(n, 0, -1, dtype=x.dtype, device=x.device)
-    out = _project_permutahedron(sign * x / eps, rho, backend)
+    out = _project_permutahedron(sign * x / eps, rho, backend, w_sorted=True)
     if hard:  # position in the stable order of sign * values, ascending, from 1
         order = torch.sort(sign * x, dim=-1, stable=True).indices
         pos = torch.arange(1, n + 1, dtype=x.dtype, device=x.device).expand_as(x)

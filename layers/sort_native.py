@@ -46,75 +46,100 @@ F64 = torch.float64
 # ---------------------------------------------------------------------------------------------
 
 
-def _block_mean(x: Tensor, block: Tensor, count: Tensor) -> Tensor:
-    """Per-block means ``(B, n)`` (entry ``b`` for block ``b``; unused entries 0)."""
-    return torch.zeros_like(x).scatter_add_(-1, block, x) / count
-
-
-def _pav_blocks(s: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+def _pav_blocks(s: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Blocks of the decreasing isotonic regression of ``y = s - w`` (rows of ``(B, n)``).
 
-    Returns ``(block, count)``: ``block (B, n)`` the block index of every position and
-    ``count (B, n)`` the size of each block (1 where unused, to divide safely). A pair of
-    neighbouring blocks violates when the mean of ``y`` rises from one to the next; comparing the
-    means of ``s`` and ``w`` separately keeps ties in huge ``s`` exact. Merging any violating pair
-    never separates an optimal block, so every round merges all of them.
+    Returns ``(block, count, ms, mw)``: ``block (B, n)`` the block index of every position,
+    ``count (B, n)`` the size of each block (1 where unused, to divide safely) and the block
+    means of ``s`` and ``w`` (entry ``b`` for block ``b``). Neighbouring blocks violate when the
+    mean of ``y`` rises from one to the next; comparing the means of ``s`` and ``w`` separately
+    keeps ties in huge ``s`` exact. Merging any violating pair never separates an optimal block,
+    so every round merges all of them; the first round, on single entries, needs no sums.
     """
     B, n = s.shape
+    merge = (s[:, :-1] - s[:, 1:]) < (w[:, :-1] - w[:, 1:])
+    if not bool(merge.any()):
+        block = torch.arange(n, device=s.device).expand(B, n)
+        return block, torch.ones_like(s), s, w
     start = torch.ones(B, n, dtype=torch.bool, device=s.device)
-    ones = torch.ones_like(s)
+    start[:, 1:] = ~merge
+    data = torch.stack([s, w, torch.ones_like(s)], 1)  # sums of s, w and the counts at once
     for _ in range(n):
         block = start.cumsum(-1) - 1
-        count = torch.zeros_like(s).scatter_add_(-1, block, ones).clamp_min_(1)
-        ms, mw = _block_mean(s, block, count), _block_mean(w, block, count)
-        cur = block[:, 1:]
-        prev = (cur - 1).clamp_min(0)
-        ds = ms.gather(-1, prev) - ms.gather(-1, cur)
-        dw = mw.gather(-1, prev) - mw.gather(-1, cur)
-        merge = start[:, 1:] & (ds < dw)
+        sums = torch.zeros_like(data).scatter_add_(-1, block.unsqueeze(1).expand_as(data), data)
+        count = sums[:, 2].clamp_min(1)
+        means = sums[:, :2] / count.unsqueeze(1)
+        cur = block[:, 1:].unsqueeze(1).expand(B, 2, n - 1)
+        d = means.gather(-1, (cur - 1).clamp_min(0)) - means.gather(-1, cur)
+        merge = start[:, 1:] & (d[:, 0] < d[:, 1])
         if not bool(merge.any()):
-            return block, count
+            return block, count, means[:, 0], means[:, 1]
         start[:, 1:] &= ~merge
     raise AssertionError("pool adjacent violators did not terminate")  # pragma: no cover
 
 
 def _block_average(x: Tensor, block: Tensor, count: Tensor) -> Tensor:
     """Replace every entry by the mean over its block (same shape as ``x``)."""
-    return _block_mean(x, block, count).gather(-1, block)
+    return (torch.zeros_like(x).scatter_add_(-1, block, x) / count).gather(-1, block)
 
 
-class _SortedProjection(torch.autograd.Function):
-    """``r = s - v``, ``v`` = decreasing isotonic regression of ``s - w`` (both sorted)."""
+class _PermutahedronProjection(torch.autograd.Function):
+    """The projection of ``z (B, n)`` onto ``P(w)``: sort both, pool, put back in item order.
+
+    In descending order the result is ``r = s - v`` with ``v`` the isotonic regression of
+    ``s - w``; its Jacobian averages within the pooled blocks: ``dr/ds = I - A``,
+    ``dr/dw = A``. One function (not a chain of sort, scatter and cast nodes) keeps the
+    per-call overhead small.
+    """
 
     @staticmethod
-    def forward(ctx: Any, s: Tensor, w: Tensor) -> Tensor:  # type: ignore[override]
-        s64, w64 = s.to(F64), w.to(F64)
-        block, count = _pav_blocks(s64, w64)
+    def forward(  # type: ignore[override]
+        ctx: Any, z: Tensor, w: Tensor, z_sorted: bool, w_sorted: bool
+    ) -> Tensor:
+        z64, w64 = z.to(F64), w.to(F64)
+        if z_sorted:
+            s, z_order = z64, None
+        else:
+            s, z_order = torch.sort(z64, dim=-1, descending=True, stable=True)
+        if w_sorted:
+            w_desc, w_order = w64, None
+        else:
+            w_desc, w_order = torch.sort(w64, dim=-1, descending=True)
+        block, count, ms, mw = _pav_blocks(s, w_desc)
         # r = (s - mean_block s) + mean_block w: no cancellation between huge s and small w
-        r = s64 - _block_average(s64, block, count) + _block_average(w64, block, count)
-        ctx.save_for_backward(block, count)
-        return r.to(s.dtype)
+        r = s - ms.gather(-1, block) + mw.gather(-1, block)
+        if z_order is not None:
+            r = torch.empty_like(r).scatter_(-1, z_order, r)
+        ctx.save_for_backward(block, count, z_order, w_order)
+        return r.to(z.dtype)
 
     @staticmethod
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
-        block, count = ctx.saved_tensors
-        avg = _block_average(g.to(F64), block, count).to(g.dtype)
-        return g - avg, avg
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, Tensor, None, None]:  # type: ignore[override]
+        block, count, z_order, w_order = ctx.saved_tensors
+        g64 = g.to(F64)
+        gs = g64 if z_order is None else g64.gather(-1, z_order)  # descending order of z
+        avg = _block_average(gs, block, count)
+        gz, gw = gs - avg, avg
+        if z_order is not None:
+            gz = torch.empty_like(gz).scatter_(-1, z_order, gz)
+        if w_order is not None:
+            gw = torch.empty_like(gw).scatter_(-1, w_order, gw)
+        return gz.to(g.dtype), gw.to(g.dtype), None, None
 
 
-def project_permutahedron(z: Tensor, w: Tensor) -> Tensor:
+def project_permutahedron(
+    z: Tensor, w: Tensor, *, z_sorted: bool = False, w_sorted: bool = False
+) -> Tensor:
     """Euclidean projection of ``z`` onto the permutahedron ``P(w)``, both ``(..., n)``.
 
     ``argmax_{mu in P(w)} <z, mu> - |mu|^2 / 2`` (``w`` may be broadcast against ``z``).
-    Differentiable in ``z`` and ``w``.
+    Differentiable in ``z`` and ``w``. ``z_sorted`` / ``w_sorted`` say that the input is already
+    in descending order (``z`` without ties), which saves its sort.
     """
-    shape = torch.broadcast_shapes(z.shape, w.shape)
+    shape = z.shape if z.shape == w.shape else torch.broadcast_shapes(z.shape, w.shape)
     n = shape[-1]
     z, w = z.expand(shape).reshape(-1, n), w.expand(shape).reshape(-1, n)
-    s, order = torch.sort(z, dim=-1, descending=True, stable=True)
-    w_sorted = torch.sort(w, dim=-1, descending=True).values
-    r = _SortedProjection.apply(s, w_sorted)
-    return torch.zeros_like(r).scatter(-1, order, r).reshape(shape)
+    return _PermutahedronProjection.apply(z, w, z_sorted, w_sorted).reshape(shape)
 
 
 # ---------------------------------------------------------------------------------------------
