@@ -53,6 +53,7 @@ __all__ = [
     "BACKENDS",
     "DEFAULT_BACKEND",
     "SETTINGS",
+    "SOLVER_NAMES",
     "Backend",
     "check_settings",
     "get_backend",
@@ -95,11 +96,14 @@ class Backend:
         return args
 
 
+# Clarabel: tolerances it reaches ("Solved", not "Optimal Inaccurate") on most problems, with
+# gradients as accurate as tighter ones; LSQR derivatives (tests/layers/cvxpy_settings_evidence.py
+# compares the modes and tolerances over varied problems).
 _TIGHT_CLARABEL = {
-    "tol_gap_abs": 1e-12,
-    "tol_gap_rel": 1e-12,
-    "tol_feas": 1e-12,
-    "tol_ktratio": 1e-10,
+    "tol_gap_abs": 1e-10,
+    "tol_gap_rel": 1e-10,
+    "tol_feas": 1e-10,
+    "tol_ktratio": 1e-8,
 }
 
 # moreau: solver='auto' picks the active-set method for small QPs, whose gradients are
@@ -143,7 +147,7 @@ BACKENDS: dict[str, Backend] = {
             "diffcp-clarabel",
             "cvxpylayers",
             None,
-            accurate={"solve_method": "Clarabel", "mode": "dense", **_TIGHT_CLARABEL},
+            accurate={"solve_method": "Clarabel", "mode": "lsqr", **_TIGHT_CLARABEL},
             solver_defaults={"solve_method": "Clarabel"},
             about="interior point, accurate, any cone; one CPU solve per batch element",
             check_tol=1e-5,
@@ -192,6 +196,32 @@ BACKENDS: dict[str, Backend] = {
 }
 
 DEFAULT_BACKEND = "torch-ipm"
+
+# cvxpylayers' ``solver=`` names and the backend each maps to.
+SOLVER_NAMES: dict[str, str] = {
+    "CLARABEL": "diffcp-clarabel",
+    "DIFFCP": "diffcp-clarabel",
+    "SCS": "diffcp-scs",
+    "ECOS": "diffcp-ecos",
+    "MOREAU": "moreau",
+}
+
+# Solver-neutral names of per-call settings (as cvxpylayers' users write them), per backend:
+# the settings each stands for. ``eps``/``tol`` is the solver's tolerance, ``max_iters`` its
+# iteration limit.
+_CLARABEL_TOLS = ("tol_gap_abs", "tol_gap_rel", "tol_feas")
+ARG_ALIASES: dict[str, dict[str, tuple[str, ...]]] = {
+    "torch-ipm": {"eps": ("tol",), "max_iters": ("max_iter",)},
+    "qpth": {"tol": ("eps",), "max_iters": ("maxIter",), "max_iter": ("maxIter",)},
+    "diffcp-clarabel": {"eps": _CLARABEL_TOLS, "tol": _CLARABEL_TOLS, "max_iters": ("max_iter",)},
+    "diffcp-scs": {"tol": ("eps",), "max_iter": ("max_iters",)},
+    "diffcp-ecos": {
+        "eps": ("abstol", "reltol", "feastol"),
+        "tol": ("abstol", "reltol", "feastol"),
+        "max_iter": ("max_iters",),
+    },
+    "moreau": {"max_iters": ("max_iter",)},
+}
 
 
 def get_backend(name: str) -> Backend:
