@@ -96,15 +96,35 @@ class Backend:
         return args
 
 
-# Clarabel: tolerances it reaches ("Solved", not "Optimal Inaccurate") on most problems, with
-# gradients as accurate as tighter ones; LSQR derivatives (tests/layers/cvxpy_settings_evidence.py
-# compares the modes and tolerances over varied problems).
+# Clarabel's tolerances are on gaps and residuals; on exponential cones the solution is only as
+# accurate as their square root, so they are tight. diffcp differentiates with LSQR
+# (tests/layers/cvxpy_settings_evidence.py compares modes and tolerances over varied problems).
 _TIGHT_CLARABEL = {
+    "tol_gap_abs": 1e-12,
+    "tol_gap_rel": 1e-12,
+    "tol_feas": 1e-12,
+    "tol_ktratio": 1e-10,
+}
+
+# What CvxpyProblemLayer retries with when Clarabel stops short of those ("Optimal
+# Inaccurate"): shorter steps and tighter iterative refinement at the same tolerances; if that
+# stops short too, the same at tolerances Clarabel reaches (CLARABEL_CONFIRM), whose certified
+# solution must agree with the tighter one (else it is returned instead).
+CLARABEL_ROBUST = {
+    "max_step_fraction": 0.9,
+    "iterative_refinement_reltol": 1e-16,
+    "iterative_refinement_abstol": 1e-16,
+    "iterative_refinement_max_iter": 50,
+    "max_iter": 500,
+}
+CLARABEL_CONFIRM = {
+    **CLARABEL_ROBUST,
     "tol_gap_abs": 1e-10,
     "tol_gap_rel": 1e-10,
     "tol_feas": 1e-10,
     "tol_ktratio": 1e-8,
 }
+CLARABEL_AGREE = 1e-6  # largest difference (abs and rel) of the two solutions' entries
 
 # moreau: solver='auto' picks the active-set method for small QPs, whose gradients are
 # combinatorial (and which, through cvxpylayers, returned wrong solutions); 'ipm' with tight

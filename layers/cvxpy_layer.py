@@ -21,7 +21,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from layers._checks import SolverError
-from layers.backends import BACKENDS, SOLVER_NAMES, check_settings, get_backend
+from layers.backends import (
+    BACKENDS,
+    CLARABEL_AGREE,
+    CLARABEL_CONFIRM,
+    CLARABEL_ROBUST,
+    SOLVER_NAMES,
+    check_settings,
+    get_backend,
+)
 from layers.qp_problem import prepare_qp
 from layers.qp_solve import solve_checked
 
@@ -63,14 +71,37 @@ _CLARABEL_FAILED = {
 
 
 _CLARABEL_INACCURATE = "Optimal Inaccurate"
-_CLARABEL_TOL_NAMES = {
-    "tol_gap_abs",
-    "tol_gap_rel",
-    "tol_feas",
-    "tol_ktratio",
-    "tol_infeas_abs",
-    "tol_infeas_rel",
-}
+_CLARABEL_NAMES = ("Clarabel", "CLARABEL")
+
+
+def _clarabel_retry(
+    inner: Any, args: tuple, kwargs: dict[str, Any], first: dict[str, Any]
+) -> dict[str, Any]:
+    """Clarabel stopped short of its tolerances ("Optimal Inaccurate", result ``first``): retry
+    with :data:`~layers.backends.CLARABEL_ROBUST`; if that stops short too, solve at
+    :data:`~layers.backends.CLARABEL_CONFIRM`'s looser tolerances, which must be "Solved", and
+    keep the first (tighter) iterate only where the two agree to
+    :data:`~layers.backends.CLARABEL_AGREE` (on exponential cones it is the more accurate one).
+    Raises ``diffcp.SolverError`` otherwise."""
+    import diffcp.cone_program as dcp
+    import numpy as np
+
+    robust = inner(*args, **{**kwargs, **CLARABEL_ROBUST})
+    if robust["info"]["status"] == "Solved":
+        return robust
+    loose = inner(*args, **{**kwargs, **CLARABEL_CONFIRM})
+    status = loose["info"]["status"]
+    if status != "Solved":
+        raise dcp.SolverError(
+            f"Solver clarabel returned status {status} (retried with "
+            "layers.backends.CLARABEL_ROBUST and CLARABEL_CONFIRM)"
+        )
+    if all(
+        np.allclose(first[k], loose[k], rtol=CLARABEL_AGREE, atol=CLARABEL_AGREE)
+        for k in ("x", "y", "s")
+    ):
+        return first
+    return loose
 
 
 @contextlib.contextmanager
@@ -80,8 +111,8 @@ def _diffcp_checks_clarabel(solver: str | None) -> Iterator[None]:
     diffcp 1.1 maps Clarabel's status but never checks it: an infeasible problem came back as an
     ordinary (wrong) solution, and "Optimal Inaccurate" (tolerances not reached) passed
     silently. While the layer runs, diffcp's ``solve_internal`` is wrapped to raise
-    ``diffcp.SolverError`` for the failures, and to retry an inaccurate solve once with
-    Clarabel's default tolerances (raising if that is inaccurate too).
+    ``diffcp.SolverError`` for the failures, and to retry an inaccurate solve
+    (:func:`_clarabel_retry`).
     """
     if solver is not None:
         yield
@@ -93,19 +124,9 @@ def _diffcp_checks_clarabel(solver: str | None) -> Iterator[None]:
     def checked(*args: Any, **kwargs: Any) -> Any:
         result = inner(*args, **kwargs)
         status = result.get("info", {}).get("status")
-        if status == _CLARABEL_INACCURATE and kwargs.get("solve_method") in (
-            "Clarabel",
-            "CLARABEL",
-        ):
-            # the tight tolerances were not reached: retry with Clarabel's own tolerances,
-            # which it reaches or reports as failure
-            relaxed = {k: v for k, v in kwargs.items() if k not in _CLARABEL_TOL_NAMES}
-            result = inner(*args, **relaxed)
-            status = result.get("info", {}).get("status")
-            if status == _CLARABEL_INACCURATE:
-                raise dcp.SolverError(
-                    f"Solver clarabel returned status {status} (also with its default tolerances)"
-                )
+        if status == _CLARABEL_INACCURATE and kwargs.get("solve_method") in _CLARABEL_NAMES:
+            result = _clarabel_retry(inner, args, kwargs, result)
+            status = result["info"]["status"]
         if status in _CLARABEL_FAILED and kwargs.get("raise_on_error", True):
             raise dcp.SolverError(f"Solver clarabel returned status {status}")
         return result
@@ -140,11 +161,19 @@ def _needs_quad_scope(problem: cp.Problem, gp: bool) -> bool:
 def _cones(problem: cp.Problem, gp: bool, quad: bool) -> tuple[set[str], int]:
     """The cones (beyond zero and nonnegative) of the problem canonicalized for a conic solver
     that takes a quadratic objective, and its number of variables."""
+    import numpy as np
     from cvxpy.utilities import scopes
 
     scope = scopes.quad_form_dpp_scope() if quad else contextlib.nullcontext()
-    with scope:
-        data, _, _ = problem.get_problem_data("CLARABEL", gp=gp)
+    unset = [p for p in problem.parameters() if p.value is None] if gp else []
+    for p in unset:  # cvxpy's DGP reduction takes logs of the values: any positive ones do
+        p.value = np.ones(p.shape)
+    try:
+        with scope:
+            data, _, _ = problem.get_problem_data("CLARABEL", gp=gp)
+    finally:
+        for p in unset:
+            p.value = None
     dims = data["dims"]
     found = {
         "second-order": bool(dims.soc),
@@ -217,6 +246,24 @@ def _moreau_takes_psd() -> None:
 
     with_psd._optlayers_psd = True  # type: ignore[attr-defined]
     mif._cvxpy_dims_to_moreau_cones = with_psd
+
+
+@contextlib.contextmanager
+def _moreau_call_settings(layer: Any, call_args: dict[str, Any]) -> Iterator[None]:
+    """Apply a call's settings to moreau, which reads them when its solver is created
+    (cvxpylayers 1.2 sets them on the created solver's copy, where they have no effect): for
+    the call, the cached solvers are set aside and one is created with the merged settings."""
+    if not call_args:
+        yield
+        return
+    sctx = layer.ctx.solver_ctx
+    saved = (sctx.options, sctx._torch_solver_cpu, sctx._torch_solver_cuda)
+    sctx.options = {**sctx.options, **call_args}
+    sctx._torch_solver_cpu = sctx._torch_solver_cuda = None
+    try:
+        yield
+    finally:
+        sctx.options, sctx._torch_solver_cpu, sctx._torch_solver_cuda = saved
 
 
 def _translate_args(backend: str, args: dict[str, Any]) -> dict[str, Any]:
@@ -411,11 +458,17 @@ class CvxpyProblemLayer(torch.nn.Module):
         if not needs_grad:
             args.pop("mode", None)
         p64 = [p.to(torch.float64) for p in params]
+        moreau = self.backend.solver == "MOREAU"
         try:
-            with _diffcp_checks_clarabel(
-                self.backend.solver if self.backend.kind == "cvxpylayers" else "none"
+            with (
+                _diffcp_checks_clarabel(
+                    self.backend.solver if self.backend.kind == "cvxpylayers" else "none"
+                ),
+                _moreau_call_settings(self.layer, call_args if moreau else {}),
             ):
                 out = self.layer(*p64, solver_args=args)
+                if moreau:
+                    self._check_moreau(device)
         except SolverError:
             raise
         except Exception as err:  # solvers raise many types
@@ -423,8 +476,6 @@ class CvxpyProblemLayer(torch.nn.Module):
             raise SolverError(
                 f"backend {self.backend.name!r} failed: {type(err).__name__}: {msg}"
             ) from err
-        if self.backend.solver == "MOREAU":
-            self._check_moreau(device)
         out = tuple(o.to(dtype=dtype, device=device) for o in out)
         if not needs_grad:  # moreau's outputs carry a graph even then
             out = tuple(o.detach() for o in out)
