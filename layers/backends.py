@@ -124,6 +124,7 @@ CLARABEL_CONFIRM = {
     "tol_feas": 1e-10,
     "tol_ktratio": 1e-8,
 }
+CLARABEL_LAST = {**CLARABEL_ROBUST, "max_iter": 200}  # Clarabel's own tolerances
 CLARABEL_AGREE = 1e-6  # largest difference (abs and rel) of the two solutions' entries
 
 # moreau: solver='auto' picks the active-set method for small QPs, whose gradients are

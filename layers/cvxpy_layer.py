@@ -25,6 +25,7 @@ from layers.backends import (
     BACKENDS,
     CLARABEL_AGREE,
     CLARABEL_CONFIRM,
+    CLARABEL_LAST,
     CLARABEL_ROBUST,
     SOLVER_NAMES,
     check_settings,
@@ -72,6 +73,7 @@ _CLARABEL_FAILED = {
 
 _CLARABEL_INACCURATE = "Optimal Inaccurate"
 _CLARABEL_NAMES = ("Clarabel", "CLARABEL")
+_CLARABEL_TOLS = ("tol_gap_abs", "tol_gap_rel", "tol_feas", "tol_ktratio")
 
 
 def _clarabel_retry(
@@ -79,7 +81,8 @@ def _clarabel_retry(
 ) -> dict[str, Any]:
     """Clarabel stopped short of its tolerances ("Optimal Inaccurate", result ``first``): retry
     with :data:`~layers.backends.CLARABEL_ROBUST`; if that stops short too, solve at
-    :data:`~layers.backends.CLARABEL_CONFIRM`'s looser tolerances, which must be "Solved", and
+    :data:`~layers.backends.CLARABEL_CONFIRM`'s looser tolerances (then Clarabel's own,
+    :data:`~layers.backends.CLARABEL_LAST`), which must be "Solved", and
     keep the first (tighter) iterate only where the two agree to
     :data:`~layers.backends.CLARABEL_AGREE` (on exponential cones it is the more accurate one).
     Raises ``diffcp.SolverError`` otherwise."""
@@ -91,6 +94,10 @@ def _clarabel_retry(
         return robust
     loose = inner(*args, **{**kwargs, **CLARABEL_CONFIRM})
     status = loose["info"]["status"]
+    if status == _CLARABEL_INACCURATE:  # last: Clarabel's own tolerances
+        last = {k: v for k, v in kwargs.items() if k not in _CLARABEL_TOLS}
+        loose = inner(*args, **{**last, **CLARABEL_LAST})
+        status = loose["info"]["status"]
     if status != "Solved":
         raise dcp.SolverError(
             f"Solver clarabel returned status {status} (retried with "
@@ -184,6 +191,23 @@ def _cones(problem: cp.Problem, gp: bool, quad: bool) -> tuple[set[str], int]:
     return {k for k, v in found.items() if v}, int(data["c"].shape[0])
 
 
+def _check_quad_forms(problem: cp.Problem) -> None:
+    """Refuse a ``quad_form`` with a parametrized matrix in a constraint (cvxpy would fix the
+    matrix at its current value)."""
+    from cvxpy.atoms.quad_form import QuadForm
+
+    for con in problem.constraints:
+        for expr in con.args:
+            stack = [expr]
+            while stack:
+                e = stack.pop()
+                if isinstance(e, QuadForm) and e.args[1].parameters():
+                    raise ValueError(
+                        "a quad_form with a parametrized matrix is only supported in the objective"
+                    )
+                stack.extend(getattr(e, "args", []))
+
+
 def choose_backend(problem: cp.Problem, *, gp: bool = False) -> str:
     """The backend ``backend="auto"`` picks for ``problem``.
 
@@ -192,11 +216,13 @@ def choose_backend(problem: cp.Problem, *, gp: bool = False) -> str:
     1. An LP or QP (zero and nonnegative cones after canonicalization) with at most
        :data:`AUTO_DENSE_LIMIT` variables goes to ``torch-ipm``, the recommended QP backend
        (it also takes a parametrized ``quad_form`` objective).
-    2. A larger LP/QP goes to ``moreau`` (sparse) when it is installed, else ``diffcp-clarabel``
-       (or ``moreau`` alone when a parametrized ``quad_form`` needs a QP solver).
-    3. Other cones (second-order, exponential, PSD, power): ``diffcp-clarabel`` (accurate,
-       every cone but power), ``moreau`` when the problem has a parametrized ``quad_form``
-       (diffcp cannot take one) or power cones.
+    2. A larger LP/QP goes to ``moreau`` (sparse) when it is installed, else ``diffcp-scs``
+       (``torch-ipm`` when a parametrized ``quad_form`` needs a QP solver).
+    3. A parametrized ``quad_form`` with other cones: ``moreau`` (diffcp cannot take one).
+    4. Other cones (second-order, exponential, PSD, power; geometric programs too):
+       ``diffcp-scs`` with its tight settings, the fastest accurate diffcp backend in the
+       comparison; interior points (Clarabel, moreau) stop short of tight tolerances on
+       exponential cones, and their solutions are then too inexact for finite differences.
     """
     import importlib.util
 
@@ -206,17 +232,15 @@ def choose_backend(problem: cp.Problem, *, gp: bool = False) -> str:
     if not cones:
         if n <= AUTO_DENSE_LIMIT:
             return "torch-ipm"
-        return "moreau" if has_moreau else ("torch-ipm" if quad else "diffcp-clarabel")
-    if quad or "power" in cones:
+        return "moreau" if has_moreau else ("torch-ipm" if quad else "diffcp-scs")
+    if quad:
         if has_moreau:
             return "moreau"
-        if quad:
-            raise ValueError(
-                "a parametrized quad_form with cones beyond LP/QP needs the backend 'moreau' "
-                "(pip install moreau)"
-            )
-        return "diffcp-scs"
-    return "diffcp-clarabel"
+        raise ValueError(
+            "a parametrized quad_form with cones beyond LP/QP needs the backend 'moreau' "
+            "(pip install moreau)"
+        )
+    return "diffcp-scs"
 
 
 def _moreau_takes_psd() -> None:
@@ -377,6 +401,7 @@ class CvxpyProblemLayer(torch.nn.Module):
 
         if isinstance(solver, str) and solver in BACKENDS and backend == "auto":
             backend, solver = solver, None  # positional backend name (the old signature)
+        _check_quad_forms(problem)
         if not gp and not problem.is_dpp() and not problem.is_dpp(quad_form_dpp="qp"):  # type: ignore[call-arg]
             raise ValueError("the CVXPY problem is not DPP; cvxpylayers cannot differentiate it")
         if solver is not None:

@@ -13,7 +13,7 @@ with these differences, each for a stated reason:
   with a warning, solver-neutral ones (``eps``, ``max_iters``) are translated;
 * ``test_solver_args_actually_used``: one iteration either raises ``SolverError`` (an
   unfinished solve never passes silently here) or returns a worse point (or, for an interior
-  point, whose one Newton step solves this unconstrained QP, zero iterations raise);
+  point that solves this unconstrained QP directly, the setting is seen by the solver);
 * a backend that cannot take a problem's cones must refuse it at construction with a
   ``ValueError`` naming the backends that can; the test then checks that message and skips.
 
@@ -187,7 +187,8 @@ def test_logistic_regression(CvxpyLayer):
 
 
 def test_entropy_maximization(CvxpyLayer):
-    """cvxpylayers skips this one (SCS too inaccurate); it runs here."""
+    """cvxpylayers skips this one: its random instance is infeasible (cvxpy with Clarabel and
+    with SCS says so). The port checks that the layer says so too."""
     rng = np.random.default_rng(243)
     n, m, p = 5, 3, 2
     tmp = rng.standard_normal(n)
@@ -198,9 +199,14 @@ def test_entropy_maximization(CvxpyLayer):
     A, b, F, g = cp.Parameter((m, n)), cp.Parameter(m), cp.Parameter((p, n)), cp.Parameter(p)
     obj = cp.Maximize(cp.sum(cp.entr(x)) - 0.01 * cp.sum_squares(x))
     prob = cp.Problem(obj, [A @ x == b, F @ x <= g])
+    for par, v in zip((A, b, F, g), vals):
+        par.value = v
+    prob.solve(cp.CLARABEL)
+    assert prob.status == cp.INFEASIBLE
     layer = CvxpyLayer(prob, [A, b, F, g], [x])
     ts = tuple(torch.from_numpy(v).requires_grad_() for v in vals)
-    gradcheck(layer, ts, atol=1e-4, rtol=1e-3)
+    with pytest.raises(SolverError):
+        layer(*ts)
 
 
 def test_lml(CvxpyLayer):
@@ -442,10 +448,10 @@ def test_batch_size_one_preserves_batch_dimension(CvxpyLayer):
     assert b_t.grad is not None and b_t.grad.shape == (1, n)
 
 
-def test_solver_args_actually_used(CvxpyLayer):
+def test_solver_args_actually_used(CvxpyLayer, monkeypatch):
     """One iteration: the drop-in raises SolverError (an unfinished solve never passes
-    silently) or, as cvxpylayers with SCS, returns a worse point; where one Newton step solves
-    the problem exactly, zero iterations must raise."""
+    silently) or, as cvxpylayers with SCS, returns a worse point; torch-ipm solves this QP
+    without iterating, so there the setting must reach it."""
     torch.manual_seed(123)
     m, n = 50, 20
     A, b, x = cp.Parameter((m, n)), cp.Parameter(m), cp.Variable(n)
@@ -466,10 +472,15 @@ def test_solver_args_actually_used(CvxpyLayer):
     x_ref = torch.linalg.solve(A_t.T @ A_t + 0.01 * torch.eye(n, dtype=DT), A_t.T @ b_t)
     assert torch.allclose(x_opt, x_ref, atol=1e-6)
     if x_one is not None and torch.allclose(x_one, x_opt, atol=1e-6):
-        # an interior point takes one Newton step to solve a QP without inequalities: show
-        # that the setting reaches the solver by one it cannot work with
-        with pytest.raises(SolverError):
-            layer(A_t, b_t, solver_args={"max_iters": 0})
+        # torch-ipm solves a QP without inequalities directly: show that the setting reaches it
+        assert layer.backend.name == "torch-ipm"
+        import layers.qp_solve as qs
+
+        seen = []
+        run_ipm = qs.run_ipm
+        monkeypatch.setattr(qs, "run_ipm", lambda p, s, a: seen.append(a) or run_ipm(p, s, a))
+        layer(A_t, b_t, solver_args={"max_iters": 1})
+        assert seen == [{"max_iter": 1}]
     elif x_one is not None:
         assert torch.norm(x_one - x_opt) > 1e-3
         assert objective(x_opt) < objective(x_one)
