@@ -1,13 +1,19 @@
-"""A CVXPY problem as a layer (:class:`CvxpyProblemLayer`), with each solver's quirks.
+"""A CVXPY problem as a layer (:class:`CvxpyProblemLayer`), a drop-in for
+``cvxpylayers.torch.CvxpyLayer``, with each solver's quirks.
 
 Wraps ``cvxpylayers.torch.CvxpyLayer``, solved by a backend from :data:`layers.backends.BACKENDS`
-with its settings. What each solver needs:
+with its settings, or by the one :func:`choose_backend` picks (``backend="auto"``). What each
+solver needs:
 
 * moreau: canonicalize without cvxpy's "direct cones" (cvxpylayers' moreau interface drops them),
-  pass the settings when the layer is built, and check moreau's per-element status.
-* diffcp with Clarabel: raise when Clarabel reports failure (diffcp does not check it).
+  pass the PSD cone sizes (it leaves them out), pass the settings when its solver is created
+  (a call's settings create one for the call), check moreau's per-element status, and detach
+  outputs when no input requires grad.
+* diffcp with Clarabel: raise when Clarabel reports failure (diffcp does not check it), retry
+  an inaccurate solve with more robust settings, and raise if that does not solve it.
 * ``torch-ipm`` and ``qpth``: a cvxpylayers ``SolverInterface`` that solves the canonical problem
-  as a dense QP when it has zero and nonnegative cones only.
+  as a dense QP when it has zero and nonnegative cones only (constraints or not), and keeps its
+  graph so autograd can go back through one forward more than once.
 
 cvxpy and cvxpylayers are imported when a layer is built, not when this module is.
 """
