@@ -152,13 +152,14 @@ def _diffcp_checks_clarabel(solver: str | None) -> Iterator[None]:
 
 
 _QP_BACKENDS = ("torch-ipm", "qpth", "moreau")  # take a parametrized quad_form objective
-_ALL_CONES = ("moreau", "diffcp-clarabel", "diffcp-scs")
+_ALL_CONES = {"second-order", "exponential", "PSD", "power"}
 _TAKES = {  # the cones beyond zero/nonnegative each backend takes
     "torch-ipm": set(),
     "qpth": set(),
     "moreau": {"second-order", "exponential", "PSD", "power"},
     "diffcp-clarabel": {"second-order", "exponential", "PSD"},
-    "diffcp-scs": {"second-order", "exponential", "PSD", "power"},
+    "diffcp-scs": {"second-order", "exponential", "PSD"},  # diffcp 1.1 cannot differentiate
+    # through power cones
     "diffcp-ecos": {"second-order", "exponential"},
 }
 AUTO_DENSE_LIMIT = 2000  # torch-ipm is dense: more variables than this go to a sparse solver
@@ -224,8 +225,9 @@ def choose_backend(problem: cp.Problem, *, gp: bool = False) -> str:
        (it also takes a parametrized ``quad_form`` objective).
     2. A larger LP/QP goes to ``moreau`` (sparse) when it is installed, else ``diffcp-scs``
        (``torch-ipm`` when a parametrized ``quad_form`` needs a QP solver).
-    3. A parametrized ``quad_form`` with other cones: ``moreau`` (diffcp cannot take one).
-    4. Other cones (second-order, exponential, PSD, power; geometric programs too):
+    3. A parametrized ``quad_form`` with other cones, or power cones: ``moreau`` (diffcp
+       cannot take the first and does not differentiate through the second).
+    4. Other cones (second-order, exponential, PSD; geometric programs too):
        ``diffcp-scs`` with its tight settings, the fastest accurate diffcp backend in the
        comparison; interior points (Clarabel, moreau) stop short of tight tolerances on
        exponential cones, and their solutions are then too inexact for finite differences.
@@ -239,12 +241,12 @@ def choose_backend(problem: cp.Problem, *, gp: bool = False) -> str:
         if n <= AUTO_DENSE_LIMIT:
             return "torch-ipm"
         return "moreau" if has_moreau else ("torch-ipm" if quad else "diffcp-scs")
-    if quad:
+    if quad or "power" in cones:
         if has_moreau:
             return "moreau"
         raise ValueError(
-            "a parametrized quad_form with cones beyond LP/QP needs the backend 'moreau' "
-            "(pip install moreau)"
+            "power cones, or a parametrized quad_form with cones beyond LP/QP, need the backend "
+            "'moreau' (pip install moreau)"
         )
     return "diffcp-scs"
 
@@ -454,6 +456,8 @@ class CvxpyProblemLayer(torch.nn.Module):
                 f"backend {name!r} cannot take a parametrized quad_form (diffcp rewrites it "
                 f"with a fixed matrix); use one of {', '.join(_QP_BACKENDS)} or 'auto'"
             )
+        if _TAKES[name] == _ALL_CONES:
+            return  # no second canonicalization for a backend that takes every cone
         cones, _ = _cones(problem, gp, quad)
         missing = cones - _TAKES[name]
         if missing:

@@ -214,8 +214,9 @@ def test_cones_a_backend_cannot_take_are_refused_naming_those_that_can():
     t = cp.Variable()
     pow_cone = cp.constraints.PowCone3D(x[0] + 1, x[1] + 1, t, 0.3)
     p3 = cp.Problem(cp.Minimize(cp.sum_squares(x - y) - t), [pow_cone])
-    with pytest.raises(ValueError, match="'diffcp-clarabel' cannot take power cones"):
-        CvxpyProblemLayer(p3, [y], [x], backend="diffcp-clarabel")
+    for backend in ("diffcp-clarabel", "diffcp-scs"):
+        with pytest.raises(ValueError, match=f"'{backend}' cannot take power cones"):
+            CvxpyProblemLayer(p3, [y], [x], backend=backend)
     Q, q = cp.Parameter((3, 3), PSD=True), cp.Parameter(3)
     qf = cp.Problem(cp.Minimize(cp.quad_form(x, Q) + q @ x), [x >= 0])
     with pytest.raises(ValueError, match=r"parametrized quad_form .*; use one of torch-ipm"):
@@ -237,6 +238,10 @@ def test_auto_backend_rule():
     if HAS_MOREAU:
         qf_soc = cp.Problem(cp.Minimize(cp.quad_form(x, Q) + y @ x), [cp.norm(x, 2) <= 1])
         assert choose_backend(qf_soc) == "moreau"
+        t = cp.Variable()
+        pow_cone = cp.constraints.PowCone3D(x[0] + 1, x[1] + 1, t, 0.3)
+        power = cp.Problem(cp.Minimize(cp.sum_squares(x - y) - t), [pow_cone])
+        assert choose_backend(power) == "moreau"
         big = cp.Variable(2500)
         assert choose_backend(cp.Problem(cp.Minimize(cp.sum_squares(big) + y[0] * big[0]))) == (
             "moreau"
