@@ -53,6 +53,7 @@ __all__ = [
     "BACKENDS",
     "DEFAULT_BACKEND",
     "SETTINGS",
+    "SOLVER_NAMES",
     "Backend",
     "check_settings",
     "get_backend",
@@ -95,12 +96,36 @@ class Backend:
         return args
 
 
+# Clarabel's tolerances are on gaps and residuals; on exponential cones the solution is only as
+# accurate as their square root, so they are tight. diffcp differentiates with LSQR
+# (tests/layers/cvxpy_settings_evidence.py compares modes and tolerances over varied problems).
 _TIGHT_CLARABEL = {
     "tol_gap_abs": 1e-12,
     "tol_gap_rel": 1e-12,
     "tol_feas": 1e-12,
     "tol_ktratio": 1e-10,
 }
+
+# What CvxpyProblemLayer retries with when Clarabel stops short of those ("Optimal
+# Inaccurate"): shorter steps and tighter iterative refinement at the same tolerances; if that
+# stops short too, the same at tolerances Clarabel reaches (CLARABEL_CONFIRM), whose certified
+# solution must agree with the tighter one (else it is returned instead).
+CLARABEL_ROBUST = {
+    "max_step_fraction": 0.9,
+    "iterative_refinement_reltol": 1e-16,
+    "iterative_refinement_abstol": 1e-16,
+    "iterative_refinement_max_iter": 50,
+    "max_iter": 500,
+}
+CLARABEL_CONFIRM = {
+    **CLARABEL_ROBUST,
+    "tol_gap_abs": 1e-10,
+    "tol_gap_rel": 1e-10,
+    "tol_feas": 1e-10,
+    "tol_ktratio": 1e-8,
+}
+CLARABEL_LAST = {**CLARABEL_ROBUST, "max_iter": 200}  # Clarabel's own tolerances
+CLARABEL_AGREE = 1e-6  # largest difference (abs and rel) of the two solutions' entries
 
 # moreau: solver='auto' picks the active-set method for small QPs, whose gradients are
 # combinatorial (and which, through cvxpylayers, returned wrong solutions); 'ipm' with tight
@@ -143,7 +168,7 @@ BACKENDS: dict[str, Backend] = {
             "diffcp-clarabel",
             "cvxpylayers",
             None,
-            accurate={"solve_method": "Clarabel", "mode": "dense", **_TIGHT_CLARABEL},
+            accurate={"solve_method": "Clarabel", "mode": "lsqr", **_TIGHT_CLARABEL},
             solver_defaults={"solve_method": "Clarabel"},
             about="interior point, accurate, any cone; one CPU solve per batch element",
             check_tol=1e-5,
@@ -192,6 +217,32 @@ BACKENDS: dict[str, Backend] = {
 }
 
 DEFAULT_BACKEND = "torch-ipm"
+
+# cvxpylayers' ``solver=`` names and the backend each maps to.
+SOLVER_NAMES: dict[str, str] = {
+    "CLARABEL": "diffcp-clarabel",
+    "DIFFCP": "diffcp-clarabel",
+    "SCS": "diffcp-scs",
+    "ECOS": "diffcp-ecos",
+    "MOREAU": "moreau",
+}
+
+# Solver-neutral names of per-call settings (as cvxpylayers' users write them), per backend:
+# the settings each stands for. ``eps``/``tol`` is the solver's tolerance, ``max_iters`` its
+# iteration limit.
+_CLARABEL_TOLS = ("tol_gap_abs", "tol_gap_rel", "tol_feas")
+ARG_ALIASES: dict[str, dict[str, tuple[str, ...]]] = {
+    "torch-ipm": {"eps": ("tol",), "max_iters": ("max_iter",)},
+    "qpth": {"tol": ("eps",), "max_iters": ("maxIter",), "max_iter": ("maxIter",)},
+    "diffcp-clarabel": {"eps": _CLARABEL_TOLS, "tol": _CLARABEL_TOLS, "max_iters": ("max_iter",)},
+    "diffcp-scs": {"tol": ("eps",), "max_iter": ("max_iters",)},
+    "diffcp-ecos": {
+        "eps": ("abstol", "reltol", "feastol"),
+        "tol": ("abstol", "reltol", "feastol"),
+        "max_iter": ("max_iters",),
+    },
+    "moreau": {"max_iters": ("max_iter",)},
+}
 
 
 def get_backend(name: str) -> Backend:

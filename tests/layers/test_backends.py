@@ -28,7 +28,7 @@ def test_table():
         assert 0 < b.check_tol <= 1e-5
     # diffcp rejects ``mode`` when no gradient is needed
     assert "mode" not in BACKENDS["diffcp-clarabel"].solver_args("accurate", needs_grad=False)
-    assert BACKENDS["diffcp-clarabel"].solver_args("accurate", needs_grad=True)["mode"] == "dense"
+    assert BACKENDS["diffcp-clarabel"].solver_args("accurate", needs_grad=True)["mode"] == "lsqr"
     # moreau must use its interior point: 'auto' picks the active-set method for small QPs
     assert BACKENDS["moreau"].accurate["solver"] == "ipm"
 
