@@ -20,13 +20,20 @@ def shared_data() -> Path:
 
 
 def run_task(script: str, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
-    """Run ``tasks/<script>`` with ``args`` as a user would, capturing its output."""
+    """Run ``tasks/<script>`` with ``args`` as a user would, capturing its output. This checkout
+    comes first on the path, so the code under test is this one even where an editable install
+    of another checkout (a git worktree's main copy) is what ``import tasks`` finds."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
     return subprocess.run(
         [sys.executable, str(ROOT / "tasks" / script), *args],
         capture_output=True,
         text=True,
         cwd=ROOT,
         timeout=timeout,
+        env=env,
     )
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.data import (
+from tasks.common.data import (
     DATASETS,
     DatasetNotFoundError,
     load_dataset,

@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from tasks import run_baseline
-from tasks.cli import UserError, append_csv
-from tasks.plots import metric_panels, plot_learning_curves
-from tasks.training import Trainer
+from tasks.common.cli import UserError, append_csv
+from tasks.common.plots import metric_panels, plot_learning_curves
+from tasks.common.training import Trainer
 from tests.conftest import ROOT
 
 TINY = ["--dataset", "digits", "--steps_per_epoch", "4", "--batch_size", "16", "--no-progress"]

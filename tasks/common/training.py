@@ -29,9 +29,9 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from tasks.cli import UserError, append_csv, atomic_save, write_csv, write_json
-from tasks.data import DATASETS
-from tasks.plots import plot_learning_curves, read_csv
+from tasks.common.cli import UserError, append_csv, atomic_save, write_csv, write_json
+from tasks.common.data import DATASETS
+from tasks.common.plots import plot_learning_curves, read_csv
 
 __all__ = ["ImageTaskFlags", "RunFlags", "Trainer", "distributed_context", "seed_everything"]
 
