@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from layers import BACKENDS
-from layers.sort import DEFAULT_LP_BACKEND
 from tasks.common.cli import parse_config, run_main
+from tasks.common.library import DEFAULT_LP_BACKEND
 from tasks.sort.bench import METHODS, run
 
 

@@ -19,13 +19,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from layers.backends import BACKENDS
-from layers.qp import qp
-from layers.sort import DEFAULT_LP_BACKEND, neural_sort, sort_qp_layer
-from layers.tv import (
+from layers import (
+    BACKENDS,
     TV_BACKENDS,
     difference_matrix,
     grid_difference_matrix,
+    neural_sort,
+    qp,
     tv_denoise,
     tv_denoise_2d,
 )
@@ -33,12 +33,13 @@ from tasks.backends.qp_bench import (
     QUICK_SIZES,
     SIZES,
     available,
-    machine_info,
     measure,
     random_qp,
     reference,
     rel_error,
 )
+from tasks.backends.tv_qp import tv_qp
+from tasks.common.bench import machine_info
 from tasks.common.cli import (
     UserError,
     atomic_write_text,
@@ -46,6 +47,7 @@ from tasks.common.cli import (
     write_csv,
     write_json,
 )
+from tasks.common.library import DEFAULT_LP_BACKEND, settings, settings_differ, sort_qp_layer
 
 CompareConfig = Any  # the flags dataclass of tasks/compare_backends.py
 
@@ -88,7 +90,7 @@ def _differ(backend: str) -> bool:
     if backend not in BACKENDS:
         return False
     b = BACKENDS[backend]
-    return b.kind == "cvxpylayers" or b.tuned != b.defaults
+    return b.kind == "cvxpylayers" or settings_differ(b)
 
 
 def _installed(backend: str) -> str | None:
@@ -140,7 +142,7 @@ def _qp_problem(size: str, quick: bool, seed: int, max_diffcp_n: int) -> Problem
                 d["A"],
                 d["b"],
                 backend=backend,
-                tuned=tuned,
+                **settings(tuned),
                 check=tuned,
             )  # type: ignore[return-value]
 
@@ -166,24 +168,6 @@ def _qp_problem(size: str, quick: bool, seed: int, max_diffcp_n: int) -> Problem
         methods,
         skipped,
     )
-
-
-def _tv_qp(y: Tensor, D: Tensor, lam: Tensor) -> QPData:
-    """TV denoising as a QP over ``[x; t]``: ``1/2|x|^2 - y'x + lam 1't`` s.t. ``|D x| <= t``."""
-    B, n = y.shape
-    m = D.shape[-2]
-    Q = torch.block_diag(torch.eye(n, dtype=F64), torch.zeros(m, m, dtype=F64))
-    q = torch.cat([-y, lam.reshape(1, 1).expand(B, m)], -1)
-    eye = torch.eye(m, dtype=F64)
-    G = torch.cat([torch.cat([D, -eye], -1), torch.cat([-D, -eye], -1)], -2)
-    return {
-        "Q": Q.expand(B, -1, -1),
-        "q": q,
-        "G": G.expand(B, -1, -1),
-        "h": y.new_zeros(B, 2 * m),
-        "A": None,
-        "b": None,
-    }
 
 
 def _tv_dual_qp(y: Tensor, D: Tensor, lam: Tensor) -> QPData:
@@ -220,7 +204,7 @@ def _tv_problem(n: int, B: int, seed: int) -> Problem:
 
     def method(backend: str, tuned: bool) -> Callable[..., Tensor]:
         extra = {} if tuned else {"check_tol": math.inf}
-        return lambda y, D, lam: tv_denoise(y, D, lam, backend=backend, tuned=tuned, **extra)
+        return lambda y, D, lam: tv_denoise(y, D, lam, backend=backend, **settings(tuned), **extra)
 
     methods, skipped = _collect(TV_BACKENDS, method, _installed)
     return Problem(
@@ -250,7 +234,9 @@ def _tv2d_problem(side: int, B: int, seed: int) -> Problem:
         extra = {} if tuned else {"check_tol": math.inf}
 
         def run(y: Tensor, lam: Tensor) -> Tensor:
-            x = tv_denoise_2d(y.reshape(-1, side, side), lam, backend=backend, tuned=tuned, **extra)
+            x = tv_denoise_2d(
+                y.reshape(-1, side, side), lam, backend=backend, **settings(tuned), **extra
+            )
             return x.reshape(y.shape)  # type: ignore[union-attr]
 
         return run
@@ -262,7 +248,7 @@ def _tv2d_problem(side: int, B: int, seed: int) -> Problem:
         "tv",
         f"2-D anisotropic TV denoising, batch {B}, {side} x {side} images; gradients for y, lam",
         {"y": y, "lam": lam},
-        lambda y, lam: _tv_qp(y, D, lam),
+        lambda y, lam: tv_qp(y, D, lam),
         side * side,
         methods,
         skipped,
@@ -308,7 +294,7 @@ def _sort_problem(kind: str, n: int, B: int, k: int, seed: int) -> Problem:
     z = torch.randn(B, n, generator=g, dtype=F64) * scale
 
     def method(backend: str, tuned: bool) -> Callable[..., Tensor]:
-        layer = sort_qp_layer(kind, n, k, backend, tuned=tuned)
+        layer = sort_qp_layer(kind, n, k, backend, **settings(tuned))
         return lambda z: layer.solve(z).reshape(z.shape[0], -1)
 
     methods, skipped = _collect(list(BACKENDS), method, _installed)
@@ -752,7 +738,7 @@ def run(cfg: CompareConfig, argv: list[str] | None = None) -> dict[str, Any]:
             "date": date,
             "complete": done,
             "config": asdict(cfg),
-            "machine": machine_info(cfg),  # type: ignore[arg-type]
+            "machine": machine_info(cfg.device),
             "problems": probs,
             "rows": all_rows,
             "target": TARGET,

@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import importlib.metadata
 import math
-import os
-import platform
 import statistics
-import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -21,10 +16,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from layers.backends import BACKENDS, DEFAULT_BACKEND
-from layers.qp import one_thread, qp
+from layers import BACKENDS, DEFAULT_BACKEND, qp
 from tasks.backends.reference import Reference, random_qp, reference
+from tasks.common.bench import PeakRSS, machine_info, sync
 from tasks.common.cli import append_csv, set_up_torch, write_json
+from tasks.common.library import one_thread
 from tasks.common.plots import num as _num
 from tasks.common.plots import read_csv
 
@@ -149,43 +145,6 @@ def available(name: str, n: int = 0, max_diffcp_n: int = 1 << 30) -> str | None:
 # ----------------------------------------------------------------------------------------------
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class _PeakRSS:
-    """Samples the resident set size in a thread; ``peak - start`` in MB."""
-
-    def __enter__(self) -> _PeakRSS:
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        self.start = self.peak = _rss_bytes()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _rss_bytes())
-            time.sleep(0.0005)
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss_bytes())
-
-    @property
-    def mb(self) -> float:
-        return (self.peak - self.start) / 2**20
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure(
     fn: Callable[..., torch.Tensor],
     data: dict[str, torch.Tensor | None],
@@ -200,13 +159,13 @@ def measure(
             None if v is None else v.detach().clone().to(device).requires_grad_()
             for v in data.values()
         ]
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         x = fn(*ps)
-        _sync(device)
+        sync(device)
         t1 = time.perf_counter()
         (x * gx.to(x)).sum().backward()
-        _sync(device)
+        sync(device)
         t2 = time.perf_counter()
         return t1 - t0, t2 - t1, [None if t is None else t.grad for t in ps], x.detach()
 
@@ -231,7 +190,7 @@ def measure(
             once()
             mem = (torch.cuda.max_memory_allocated(device) - base) / 2**20
         else:
-            with _PeakRSS() as peak:
+            with PeakRSS() as peak:
                 once()
             mem = peak.mb
     tot = [f + b for f, b in zip(fwd, bwd)]
@@ -272,40 +231,6 @@ def grad_errors(grads: list[torch.Tensor | None], ref: Reference) -> dict[str, f
     diff = math.sqrt(sum(float((g.detach().cpu() - r).norm()) ** 2 for g, r in pairs))
     out["all"] = math.inf if math.isnan(diff) else diff / max(total, 1e-300)
     return out
-
-
-def machine_info(cfg: BenchConfig) -> dict[str, Any]:
-    versions = {}
-    for pkg in (
-        "torch",
-        "numpy",
-        "cvxpy",
-        "cvxpylayers",
-        "diffcp",
-        "clarabel",
-        "scs",
-        "ecos",
-        "moreau",
-        "qpth",
-    ):
-        try:
-            versions[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            versions[pkg] = None
-    info: dict[str, Any] = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "affinity_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        "torch_threads": torch.get_num_threads(),
-        "device": cfg.device,
-        "versions": versions,
-    }
-    if cfg.device.startswith("cuda") and torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(torch.device(cfg.device))
-    return info
 
 
 def targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -440,7 +365,7 @@ def run(cfg) -> dict[str, Any]:
                 stacklevel=1,
             )
     summary = {
-        "machine": machine_info(cfg),
+        "machine": machine_info(cfg.device),
         "config": asdict(cfg),
         "sizes": {s: dict(zip(("batch", "n", "m", "p", "density"), table[s])) for s in cfg.sizes},
         "reference": {s: {"ok": r[2].ok, "degenerate": r[2].degenerate} for s, r in refs.items()},

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from layers.tv import TVDenoise, difference_matrix, tv_denoise
+from layers import TVDenoise, difference_matrix, tv_denoise
 from tasks.common.cli import (
     UserError,
     atomic_save,

@@ -7,7 +7,7 @@ from dataclasses import asdict
 
 import torch
 
-from layers.knn import DKNN, knn_vote, nearest_neighbors
+from layers import DKNN, knn_vote, nearest_neighbors
 from tasks.common.cli import UserError, write_json
 from tasks.common.data import load_dataset, random_shift
 from tasks.common.models import embed, make_backbone

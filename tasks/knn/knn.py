@@ -7,7 +7,7 @@ from dataclasses import asdict
 
 import torch
 
-from layers.knn import knn_vote, nearest_neighbors
+from layers import knn_vote, nearest_neighbors
 from tasks.common.cli import UserError, atomic_write_text, write_json
 from tasks.common.data import load_dataset
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -23,7 +21,7 @@ import matplotlib.pyplot as plt
 import torch
 from tqdm.auto import tqdm
 
-from layers.sort import (
+from layers import (
     LPBirkhoff,
     LPPermutahedron,
     LPTopK,
@@ -32,6 +30,7 @@ from layers.sort import (
     StochasticNeuralSort,
     soft_rank,
 )
+from tasks.common.bench import machine_info, sync
 from tasks.common.cli import append_csv, set_up_torch, write_json
 from tasks.common.plots import num as _num
 from tasks.common.plots import read_csv
@@ -163,11 +162,6 @@ def loss_of(out: torch.Tensor, kind: str, k: int, w: torch.Tensor) -> torch.Tens
     return (out * w).sum()
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_point(
     op: Callable, kind: str, x0: torch.Tensor, w: torch.Tensor, k: int, cfg: BenchConfig
 ) -> dict[str, Any]:
@@ -176,13 +170,13 @@ def time_point(
     t_first = None
     for i in range(cfg.warmup + cfg.repeats):
         x = x0.clone().requires_grad_(True)
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         out = op(x)
-        _sync(device)
+        sync(device)
         t1 = time.perf_counter()
         loss_of(out, kind, k, w).backward()
-        _sync(device)
+        sync(device)
         t2 = time.perf_counter()
         if i == 0:
             t_first = t2 - t0
@@ -215,10 +209,10 @@ def paired_ratio(cfg: BenchConfig, n: int, batch: int) -> dict[str, float]:
         times = []
         for op, kind, x0, w in runs:
             x = x0.clone().requires_grad_(True)
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             loss_of(op(x), kind, k, w).backward()
-            _sync(device)
+            sync(device)
             times.append(time.perf_counter() - t0)
         if i >= cfg.warmup:
             ratios.append(times[0] / times[1])
@@ -420,11 +414,9 @@ def run(cfg) -> dict[str, Any]:
         r["n"], r["batch"] = int(r["n"]), int(r["batch"])
     result = {
         "meta": {
+            **machine_info(cfg.device),
             "torch": torch.__version__,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "platform": platform.platform(),
             "time": time.strftime("%Y-%m-%d %H:%M:%S"),
         },
         "config": asdict(cfg),

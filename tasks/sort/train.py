@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from layers.sort import get_sort
+from layers import get_sort
 from tasks.common.cli import write_json
 from tasks.common.data import MultiDigitSequences, load_dataset
 from tasks.common.models import SortCNN
