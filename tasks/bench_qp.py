@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tasks.backends.qp_bench import DEFAULT_SIZES, METHODS, SIZES, run
-from tasks.common.cli import parse_config, run_main
+from tasks.common.cli import check_ranges, parse_config, run_main
 
 
 @dataclass
@@ -88,6 +88,7 @@ class BenchConfig:
             raise ValueError(f"unknown methods {bad}; choose from {list(METHODS)}")
         if self.repeats < 1 or self.warmup < 1:
             raise ValueError("--repeats and --warmup must be >= 1")
+        check_ranges(self, at_least={"threads": 0, "max_diffcp_n": 1}, above={"max_seconds": 0})
         if self.quick:
             self.repeats = 1
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from layers import BACKENDS
-from tasks.common.cli import parse_config, run_main
+from tasks.common.cli import check_ranges, parse_config, run_main
 from tasks.common.library import DEFAULT_LP_BACKEND
 from tasks.sort.bench import METHODS, run
 
@@ -70,17 +70,28 @@ class BenchConfig:
     seed: int = field(default=0, metadata={"help": "seed"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
-    def validate(self) -> None:
-        if self.quick:
-            self.ns, self.batches = [8, 16], [4]
-            self.repeats, self.warmup = min(self.repeats, 2), min(self.warmup, 1)
+    def validate(self) -> None:  # the flags as given, before --quick replaces some of them
         unknown = sorted(set(self.methods) - set(METHODS))
         if unknown:
             raise ValueError(f"unknown --methods {unknown}; choose from {', '.join(METHODS)}")
-        if min(self.ns) < 2 or min(self.batches) < 1:
-            raise ValueError("--ns must be >= 2 and --batches >= 1")
-        if self.repeats < 1 or self.warmup < 0 or self.k < 1 or not self.tau > 0:
-            raise ValueError("--repeats and --k must be >= 1, --warmup >= 0, --tau > 0")
+        check_ranges(
+            self,
+            at_least={
+                "ns": 2,
+                "batches": 1,
+                "repeats": 1,
+                "k": 1,
+                "warmup": 0,
+                "sinkhorn_iters": 1,
+                "lp_max_n": 2,
+                "birkhoff_max_n": 2,
+                "threads": 0,
+            },
+            above={"tau": 0, "max_seconds": 0, "max_mem_gb": 0},
+        )
+        if self.quick:
+            self.ns, self.batches = [8, 16], [4]
+            self.repeats, self.warmup = min(self.repeats, 2), min(self.warmup, 1)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tasks.common.cli import parse_config, run_main
+from tasks.common.cli import check_ranges, parse_config, run_main
 from tasks.sort.step_bench import run
 
 
@@ -41,6 +41,10 @@ class StepBenchConfig:
     def validate(self) -> None:
         if not self.reuse or min(self.reuse) < 1:
             raise ValueError(f"--reuse values must be >= 1, got {self.reuse}")
+        check_ranges(
+            self,
+            at_least={"n": 2, "batch_size": 1, "groupings": 1, "near_groupings": 0, "shift": 0},
+        )
         if self.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {self.threads}")
         if self.steps < 1:

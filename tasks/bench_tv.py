@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from layers import TV_BACKENDS
-from tasks.common.cli import parse_config, run_main
+from tasks.common.cli import check_ranges, parse_config, run_main
 from tasks.denoise.bench import run
 
 
@@ -64,6 +64,11 @@ class BenchConfig:
         for name in ("batch_size", "batches", "ref_signals"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        check_ranges(
+            self,
+            at_least={"d_noise": 0, "fd_directions": 0, "threads": 0},
+            above={"lam": 0, "fd_eps": 0, "qpth_eps": 0},
+        )
         if self.quick:
             self.batch_size, self.batches, self.ref_signals = 20, 1, 3
             self.fd_directions, self.full_epoch = 1, False

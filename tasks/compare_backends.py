@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tasks.backends.compare import PROBLEMS, run
-from tasks.common.cli import parse_config, run_main
+from tasks.common.cli import check_ranges, parse_config, run_main
 
 
 @dataclass
@@ -96,6 +96,11 @@ class CompareConfig:
     def validate(self) -> None:
         if self.repeats < 1 or self.warmup < 1:
             raise ValueError("--repeats and --warmup must be >= 1")
+        check_ranges(
+            self,
+            at_least={"threads": 0, "max_diffcp_n": 1, "max_call_seconds": 0},
+            above={"max_seconds": 0},
+        )
         bad = [p for p in self.problems if p not in PROBLEMS]
         if bad:
             raise ValueError(f"unknown problems {bad}; choose from {list(PROBLEMS)}")

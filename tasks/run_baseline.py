@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tasks.common.cli import parse_config, run_main
+from tasks.common.cli import check_ranges, parse_config, run_main
 from tasks.common.training import ImageTaskFlags
 from tasks.knn.baseline import run
 
@@ -28,6 +28,8 @@ class BaselineConfig(ImageTaskFlags):
 
     def validate(self) -> None:
         super().validate()
+        # 0 steps: one epoch's worth; nloglr <= 0 is a learning rate >= 1, which diverges
+        check_ranges(self, at_least={"steps_per_epoch": 0}, above={"nloglr": 0})
         for name in ("batch_size", "num_epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")

@@ -37,7 +37,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from layers import TV_BACKENDS
-from tasks.common.cli import parse_config, run_main
+from tasks.common.cli import check_ranges, parse_config, run_main
 from tasks.denoise.train import MODELS, run
 
 
@@ -94,6 +94,13 @@ class DenoiseConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        check_ranges(
+            self,
+            at_least={"d_penalty": 0},
+            above={
+                n: 0 for n in ("lr_fc", "lr_tv", "lr_lam", "lr_optnet", "optnet_lam", "lam_tol")
+            },
+        )
         if not 0 < self.lam_min < self.lam_max:
             raise ValueError(f"need 0 < --lam_min < --lam_max, got {self.lam_min}, {self.lam_max}")
         if "optnet_tv" in self.models and "tv" not in self.models:

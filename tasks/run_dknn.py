@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tasks.common.cli import parse_config, run_main
+from tasks.common.cli import check_ranges, parse_config, run_main
 from tasks.common.training import ImageTaskFlags
 from tasks.knn.dknn import SORTS, run
 
@@ -41,6 +41,8 @@ class DKNNConfig(ImageTaskFlags):
 
     def validate(self) -> None:
         super().validate()
+        # 0 steps: one epoch's worth; nloglr <= 0 is a learning rate >= 1, which diverges
+        check_ranges(self, at_least={"steps_per_epoch": 0}, above={"nloglr": 0})
         if self.k < 1:
             raise ValueError(f"--k must be >= 1, got {self.k}")
         if self.k > self.num_train_neighbors:

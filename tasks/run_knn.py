@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tasks.common.cli import parse_config, run_main
+from tasks.common.cli import check_ranges, parse_config, run_main
 from tasks.common.data import DATASETS
 from tasks.knn.knn import run
 
@@ -38,6 +38,7 @@ class KNNConfig:
         bad = [k for k in self.k if k < 1]
         if bad:
             raise ValueError(f"--k values must be positive integers, got {bad}")
+        check_ranges(self, at_least={"chunk_size": 1})
         if self.pca_dim < 0:
             raise ValueError(f"--pca_dim must be >= 0, got {self.pca_dim}")
         self.out = self.out or f"results/knn/{self.dataset}"

@@ -22,7 +22,7 @@ from tasks.common.cli import (
 )
 from tasks.common.data import denoising_splits
 from tasks.common.plots import read_csv
-from tasks.common.training import Trainer, seed_everything
+from tasks.common.training import Trainer, load_checkpoint, seed_everything
 
 DenoiseConfig = Any  # the flags dataclass of tasks/run_denoise.py
 
@@ -438,6 +438,11 @@ def run(cfg) -> dict:
                 f"{cfg.out} already holds runs of {', '.join(taken)}; pass --resume to continue "
                 "them, or --out to start elsewhere (nothing was overwritten)"
             )
+    else:  # something of this run to continue: a trained model's checkpoint or the tuned TV
+        saved = [Path(cfg.out) / m / "ckpt.pt" for m in cfg.models if m != "tv"]
+        saved.append(Path(cfg.out) / "tv" / "tv.json")
+        if not any(p.exists() for p in saved):
+            raise UserError(f"--resume: no run of {', '.join(cfg.models)} to continue in {cfg.out}")
     device = torch.device(cfg.device)
     t0 = time.perf_counter()
     tr_x, tr_y, te_x, te_y = denoising_splits(seed=cfg.data_seed)
@@ -470,9 +475,7 @@ def run(cfg) -> dict:
             row = run_trained(name, cfg, data, tv["lam"] if tv else None)
             rows.append(row)
             model, _ = build_model(name, cfg, tr_x.shape[1], tv["lam"] if tv else None)
-            ckpt = torch.load(
-                Path(cfg.out) / name / "ckpt.pt", map_location=device, weights_only=False
-            )
+            ckpt = load_checkpoint(Path(cfg.out) / name / "ckpt.pt", device)
             model.load_state_dict(ckpt["model"])
             model.to(device).eval()
             predictors[name] = lambda y, m=model: m(y.to(device))

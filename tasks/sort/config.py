@@ -88,6 +88,8 @@ class SortConfig(RunFlags):
             "steps_per_epoch",
             "num_digits",
             "digit_reuse",
+            "val_sequences",
+            "test_sequences",
         )
         nonnegative = ("near_groupings", "shift", "rotate", "weight_decay")
         least = dict.fromkeys(counts, 1) | dict.fromkeys(nonnegative, 0)
