@@ -1,6 +1,6 @@
 """Benchmark the OptNet QP layer's backends against qpth and raw cvxpylayers.
 
-    python tasks/bench_qp.py --quick                 # tiny sizes, under a minute
+    python tasks/bench_qp.py --quick                 # tiny sizes
     python tasks/bench_qp.py                         # small, dense and sparse sizes
     python tasks/bench_qp.py --sizes small dense --methods torch-ipm qpth-default
 

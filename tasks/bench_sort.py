@@ -2,7 +2,7 @@
 and batch size, with ``torch.sort`` (the hard limit), a plain softmax over a ``(batch, n, n)``
 tensor, the paper's naive NeuralSort and torchsort (when installed) as references.
 
-    python tasks/bench_sort.py --quick                  # tiny sizes, under a minute
+    python tasks/bench_sort.py --quick                  # tiny sizes
     python tasks/bench_sort.py                          # the full sweep (CPU)
     python tasks/bench_sort.py --device cuda --out results/bench_sort_cuda
 
@@ -33,7 +33,7 @@ from tasks.sort.bench import METHODS, run
 class BenchConfig:
     """Time and memory of the sort relaxations against n and batch size."""
 
-    quick: bool = field(default=False, metadata={"help": "tiny sizes, finishes in < 1 min"})
+    quick: bool = field(default=False, metadata={"help": "tiny sizes (a smoke run)"})
     ns: list[int] = field(
         default_factory=lambda: [8, 16, 32, 100, 128, 512, 1024],
         metadata={"help": "numbers of items"},

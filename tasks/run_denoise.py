@@ -1,7 +1,7 @@
 """Time-series denoising (OptNet, Table 1): FC net, tuned TV, OptNet-tuned TV, pure OptNet.
 
     python tasks/run_denoise.py                      # the full comparison (results/denoise)
-    python tasks/run_denoise.py --quick              # CI smoke run, well under a minute
+    python tasks/run_denoise.py --quick              # CI smoke run
     python tasks/run_denoise.py --models tv optnet_tv --num_epochs 5 --resume
 
 Models (``--models``):

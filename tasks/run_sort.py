@@ -7,7 +7,7 @@ one. Reported: the proportion of sequences sorted exactly, and of items put in t
 
     python tasks/run_sort.py --n 5 --sort neuralsort --data-dir ../shared/data
 
-The CNN is the whole cost of a step (the relaxations take about 1 % of it), so ``--groupings K``
+The CNN is most of the cost of a step, so ``--groupings K``
 scores the step's ``batch_size * n`` numbers once and sorts them in ``K`` random partitions into
 sequences of ``n``: every image then takes part in ``K`` sequences (more comparisons per CNN
 pass) at K times the relaxation's cost. ``--groupings 1`` is the paper's sampling.
