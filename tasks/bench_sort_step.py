@@ -3,9 +3,10 @@
     python tasks/bench_sort_step.py --data-dir ../shared/data            # R = 1, 2, 4, 5, 8
     python tasks/bench_sort_step.py --dataset mnist5k --reuse 1 4 --steps 20
 
-Each R runs ``run_sort.main`` itself for ``--steps`` training steps (one epoch, tiny validation
-and test sets, in a temporary folder) with the sorting flags below, and reads the mean seconds
-per step it records. Run it on an idle machine: the figures are only comparable within one run.
+Each R runs the training of ``tasks/run_sort.py`` itself for ``--steps`` training steps (one epoch,
+tiny validation and test sets, in a temporary folder) with the sorting flags below, and reads the
+mean seconds per step it records. Run it on an idle machine: the figures are only comparable within
+one run.
 Writes ``bench_sort_step.csv`` / ``.json`` (one row per R: ms per step and digit images per step)
 and ``bench_sort_step.png`` (ms per step against R) to ``--out``.
 """

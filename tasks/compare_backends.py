@@ -21,15 +21,15 @@ name) and with the solver's own defaults (``name (defaults)``, where they differ
 process on the same data, so ratios are comparable even on a busy machine.
 
 Reference: every problem here is a QP. Its inputs map to QP data ``(Q, q, G, h, A, b)`` by a
-differentiable function written in this file; ``tasks.bench_qp.reference`` (Clarabel called
-directly to find the active set, then the exact KKT solve, sharing no code with the backends)
-gives the solution and the gradients for the QP data, and autograd carries them back to the
-inputs. Errors are relative (Frobenius) over the whole batch; the gradient error is over all
+differentiable function (``tasks/backends/compare.py``); ``tasks.backends.reference`` (Clarabel
+called directly to find the active set, then the exact KKT solve, sharing no code with the
+backends) gives the solution and the gradients for the QP data, and autograd carries them back to
+the inputs. Errors are relative (Frobenius) over the whole batch; the gradient error is over all
 inputs stacked, for the loss ``<w, x>`` with a fixed random ``w``.
 
 Recommendation: for each layer, among the tuned methods that solved all of its problems with
 solution and gradient errors <= 1e-5, the one with the smallest geometric-mean forward+backward
-time. ``recommended.json`` records it; ``tests/test_compare_backends.py`` fails when a layer's
+time. ``recommended.json`` records it; ``tests/tasks/test_compare_backends.py`` fails when a layer's
 default backend differs from the committed ``results/backends/recommended.json``.
 
 Writes to ``--out`` (default ``results/backends``, or ``results/backends-quick`` with

@@ -1,4 +1,4 @@
-"""tasks/training.py: exact resume, atomic checkpoints, DDP ranks in sync."""
+"""tasks/common/training.py: exact resume, atomic checkpoints, DDP ranks in sync."""
 
 from __future__ import annotations
 
