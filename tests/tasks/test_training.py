@@ -16,7 +16,7 @@ from tasks import run_baseline
 from tasks.common.cli import UserError, append_csv
 from tasks.common.plots import metric_panels, plot_learning_curves
 from tasks.common.training import Trainer
-from tests.conftest import ROOT, run_task
+from tests.conftest import ROOT, run_task, task_env
 
 TINY = ["--dataset", "digits", "--steps_per_epoch", "4", "--batch_size", "16", "--no-progress"]
 
@@ -102,7 +102,7 @@ def test_ddp_two_cpu_ranks_end_identical(tmp_path, script):
         str(tmp_path),
         *extra,
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = task_env(OMP_NUM_THREADS="1")
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     check = json.loads((tmp_path / "ddp_check.json").read_text())
