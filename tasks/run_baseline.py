@@ -8,15 +8,11 @@ Writes config.json, metrics.csv, ckpt.pt, best.pt, curves.png and results.json t
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
-import torch
-import torch.nn.functional as F
-
-from tasks.cli import parse_config, run_main, write_json
-from tasks.data import load_dataset, random_shift
-from tasks.models import Classifier, embed, make_backbone
-from tasks.training import ImageTaskFlags, Trainer, seed_everything
+from tasks.common.cli import check_ranges, parse_config, run_main
+from tasks.common.training import ImageTaskFlags
+from tasks.knn.baseline import run
 
 
 @dataclass
@@ -32,6 +28,8 @@ class BaselineConfig(ImageTaskFlags):
 
     def validate(self) -> None:
         super().validate()
+        # 0 steps: one epoch's worth; nloglr <= 0 is a learning rate >= 1, which diverges
+        check_ranges(self, at_least={"steps_per_epoch": 0}, above={"nloglr": 0})
         for name in ("batch_size", "num_epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
@@ -39,52 +37,7 @@ class BaselineConfig(ImageTaskFlags):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg = parse_config(BaselineConfig, argv)
-    data = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download, seed=0)
-    seed_everything(cfg.seed)
-    model = Classifier(make_backbone(cfg.backbone, data.image_shape), data.num_classes)
-    optimizer = torch.optim.SGD(
-        model.parameters(),
-        lr=10.0**-cfg.nloglr,
-        momentum=cfg.momentum,
-        weight_decay=cfg.weight_decay,
-    )
-    trainer = Trainer.from_flags(model, optimizer, cfg)
-    dev, n = trainer.device, len(data.train_y)
-
-    def accuracy(m, x, y) -> float:
-        return (embed(m, x, dev).argmax(1) == y.to(dev)).float().mean().item()
-
-    def train_step(net, gen):
-        idx = torch.randint(n, (cfg.batch_size,), generator=gen)
-        logits = net(random_shift(data.train_x[idx], cfg.augment, gen).to(dev))
-        loss = F.cross_entropy(logits, data.train_y[idx].to(dev))
-        loss.backward()
-        return {"loss": loss.item()}
-
-    steps = cfg.steps_per_epoch or max(1, n // cfg.batch_size)
-    best = trainer.fit(
-        cfg.num_epochs,
-        steps,
-        train_step,
-        lambda m: {"val_acc": accuracy(m, data.val_x, data.val_y)},
-    )
-    if trainer.rank != 0:
-        return {}
-    best_epoch = trainer.load_best()
-    result = {
-        "config": asdict(cfg),
-        "data": data.summary(),
-        "best_epoch": best_epoch,
-        "val_acc": best["best_val"],
-        "test_acc": accuracy(model, data.test_x, data.test_y),
-    }
-    write_json(f"{cfg.out}/results.json", result)
-    print(
-        f"\n{cfg.dataset} CNN baseline test accuracy (best epoch {best_epoch}): "
-        f"{100 * result['test_acc']:.2f}%  ({cfg.out})"
-    )
-    return result
+    return run(parse_config(BaselineConfig, argv))
 
 
 if __name__ == "__main__":

@@ -19,14 +19,24 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+def task_env(**extra: str) -> dict[str, str]:
+    """The environment of a task run in a subprocess: this checkout first on the path, so the
+    code under test is this one even where ``import tasks`` would find an editable install of
+    another checkout (the main copy beside a git worktree)."""
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
 def run_task(script: str, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
-    """Run ``tasks/<script>`` with ``args`` as a user would, capturing its output."""
+    """Run ``tasks/<script>`` with ``args`` as a user would (in :func:`task_env`), capturing its
+    output."""
     return subprocess.run(
         [sys.executable, str(ROOT / "tasks" / script), *args],
         capture_output=True,
         text=True,
         cwd=ROOT,
         timeout=timeout,
+        env=task_env(),
     )
 
 

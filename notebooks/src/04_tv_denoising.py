@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
 from layers import TVDenoise, difference_matrix, tv_denoise, tv_denoise_2d
-from tasks.data import make_denoising_data
+from tasks.common.data import make_denoising_data
 
 _ = torch.manual_seed(0)
 print(difference_matrix(5))
@@ -51,7 +51,7 @@ print(difference_matrix(5))
         r"""
 ## The data
 
-OptNet's generator (`tasks.data.make_denoising_data`): signals of length 100 with 1 to 9 constant
+OptNet's generator (`tasks.common.data.make_denoising_data`): signals of length 100 with 1 to 9 constant
 segments at integer heights 10 to 99, plus Gaussian noise with $\sigma = 10$, so the noisy input
 has a mean squared error of about 100. The paper uses 9,000 training and 1,000 test signals; here
 300 and 100 keep the notebook fast. One example, denoised with a first guess $\lambda = 10$:

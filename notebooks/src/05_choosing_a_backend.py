@@ -39,7 +39,8 @@ import matplotlib.pyplot as plt
 import torch
 
 from layers import BACKENDS
-from tasks import compare_backends as cb
+from tasks.backends import compare as cb
+from tasks.compare_backends import main as compare_backends
 
 for name, b in BACKENDS.items():
     print(f"{name:<16} {b.about}")""",
@@ -110,7 +111,9 @@ the differentiable kNN uses, on four backends.""",
 with contextlib.redirect_stdout(io.StringIO()):  # the script's own log
     methods = ["moreau", "torch-ipm", "diffcp-clarabel", "diffcp-clarabel (defaults)"]
     methods.append("neuralsort (closed form)")
-    res = cb.main(["--quick", "--problems", "lp-topk", "--methods", *methods, "--out", str(out)])
+    res = compare_backends(
+        ["--quick", "--problems", "lp-topk", "--methods", *methods, "--out", str(out)]
+    )
 for r in res["rows"]:
     err = "-" if r.get("grad_err") is None else f"{r['grad_err']:.1e}"
     print(f"{r['method']:<28} {r['fwd_bwd_ms']:8.1f} ms   gradient error {err}")""",
@@ -128,8 +131,7 @@ solve raises `SolverError` instead of returning a wrong gradient.""",
     ),
     (
         "code",
-        """from layers import LPTopK, qp, tv_denoise
-from layers.tv import difference_matrix
+        """from layers import LPTopK, difference_matrix, qp, tv_denoise
 
 torch.manual_seed(0)
 Q = torch.eye(4, dtype=torch.float64) * 2

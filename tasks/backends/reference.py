@@ -18,6 +18,7 @@ import torch
 
 __all__ = ["Reference", "random_qp", "reference"]
 
+
 def _sparse_like(shape: tuple[int, ...], density: float, g: torch.Generator) -> torch.Tensor:
     """Gaussian entries, each kept with probability ``density``, at least one per row."""
     x = torch.randn(shape, generator=g, dtype=torch.float64)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tasks import compare_backends as cb
+from tasks.backends import compare
 from tests.conftest import ROOT
 
 RECOMMENDED = ROOT / "results" / "backends" / "recommended.json"
@@ -18,13 +19,13 @@ def test_layer_defaults_follow_the_committed_recommendation():
     (or the file) together."""
     assert RECOMMENDED.exists(), "run python tasks/compare_backends.py and commit its results"
     rec = json.loads(RECOMMENDED.read_text())["recommended"]
-    defaults = cb.current_defaults()
+    defaults = compare.current_defaults()
     for layer, backend in rec.items():
         assert defaults[layer] == backend, (
             f"the {layer} layer's default backend is {defaults[layer]!r} but "
             f"{RECOMMENDED} recommends {backend!r}"
         )
-    assert set(rec) == set(cb.LAYERS)
+    assert set(rec) == set(compare.LAYERS)
 
 
 @pytest.mark.parametrize("name", ["lp-topk", "lp-birkhoff", "tv-100", "qp-small"])
@@ -33,13 +34,13 @@ def test_reference_agrees_with_the_layers(name):
     gradients (either side could be wrong)."""
     cfg = cb.CompareConfig(quick=True)
     cfg.validate()
-    prob = cb.PROBLEMS[name](True, 0, cfg)
+    prob = compare.PROBLEMS[name](True, 0, cfg)
     B = next(iter(prob.inputs.values())).shape[0]
     w = torch.randn(B, prob.n_out, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    ref = cb.problem_reference(prob, w)
+    ref = compare.problem_reference(prob, w)
     assert ref.ok
-    default = cb.current_defaults()[prob.layer]
-    row = cb.run_method(prob, default, w, ref, cfg)
+    default = compare.current_defaults()[prob.layer]
+    row = compare.run_method(prob, default, w, ref, cfg)
     assert row["status"] == "ok", row
     assert row["x_err"] < 1e-6 and row["grad_err"] < 1e-6, row
 
@@ -70,7 +71,7 @@ def test_quick_run_writes_report_json_plot_and_recommendation(tmp_path):
     assert rec == {k: v["backend"] for k, v in res["recommended"].items()}
     # one TV problem here: the recommendation is its fastest accurate tuned method (which one
     # wins at this tiny size depends on the machine's load: native and torch-ipm are close)
-    tv = [r for r in rows if r["layer"] == "tv" and r.get("tuned") and cb.accurate(r)]
+    tv = [r for r in rows if r["layer"] == "tv" and r.get("tuned") and compare.accurate(r)]
     assert "native" in {r["method"] for r in tv}
     assert rec["tv"] == min(tv, key=lambda r: r["fwd_bwd_ms"])["method"]
     report = (out / "report.md").read_text()
@@ -81,11 +82,11 @@ def test_quick_run_writes_report_json_plot_and_recommendation(tmp_path):
 def test_time_limit_stops_a_slow_method():
     cfg = cb.CompareConfig(quick=True, max_call_seconds=0.05)
     cfg.validate()
-    prob = cb.PROBLEMS["tv-100"](True, 0, cfg)
+    prob = compare.PROBLEMS["tv-100"](True, 0, cfg)
     w = torch.ones(8, prob.n_out, dtype=torch.float64)
-    ref = cb.problem_reference(prob, w)
+    ref = compare.problem_reference(prob, w)
     prob.methods["slow"] = lambda *a: __import__("time").sleep(5) or a[0]
-    row = cb.run_method(prob, "slow", w, ref, cfg)
+    row = compare.run_method(prob, "slow", w, ref, cfg)
     assert row["status"] == "timeout"
 
 

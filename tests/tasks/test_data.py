@@ -1,4 +1,5 @@
-"""tasks/data.py: embedded sets, real MNIST, and the on-disk formats written here and read back."""
+"""tasks/common/data.py: embedded sets, real MNIST, and the on-disk formats written here and read
+back."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.data import (
+from tasks.common.data import (
     DATASETS,
     DatasetNotFoundError,
     load_dataset,

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from layers import difference_matrix, tv_denoise
-from tasks.data import denoising_splits, make_denoising_data
+from tasks.common.cli import UserError
+from tasks.common.data import denoising_splits, make_denoising_data
 
 F64 = torch.float64
 
@@ -58,5 +59,5 @@ def test_run_denoise_quick(tmp_path):
     assert 10 < rows["tv"]["test_mse"] < 25
     for f in ("report.md", "results.json", "examples.png", "D_heatmap.png", "loss_curves.png"):
         assert (tmp_path / f).exists(), f
-    with pytest.raises(run_denoise.UserError, match="--resume"):
+    with pytest.raises(UserError, match="--resume"):
         run_denoise.main(["--quick", "--out", str(tmp_path), "--no-progress"])

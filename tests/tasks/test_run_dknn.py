@@ -7,7 +7,7 @@ import json
 import pytest
 
 from tasks import run_dknn
-from tasks.cli import UserError
+from tasks.common.cli import UserError
 from tests.conftest import assert_one_line_error, run_task
 
 TINY = ["--dataset", "digits", "--num_train_queries", "16", "--num_train_neighbors", "32"]

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from tasks import run_sort
-from tasks.data import MultiDigitSequences
-from tasks.models import SortCNN
+from tasks.common.data import MultiDigitSequences
+from tasks.common.models import SortCNN
+from tasks.sort import train as sort_train
 from tests.conftest import assert_one_line_error, run_task
 
 TINY = ["--dataset", "mnist5k", "--n", "3", "--batch_size", "4", "--steps_per_epoch", "2"]
@@ -55,10 +56,10 @@ def test_tied_sequences_share_their_leading_digits():
 
 def test_true_permutation_and_accuracies():
     values = torch.tensor([[3.0, 9.0, 1.0]])
-    p = run_sort.true_permutation(values)
+    p = sort_train.true_permutation(values)
     assert torch.equal(p[0], torch.tensor([[0.0, 1, 0], [1, 0, 0], [0, 0, 1]]))
-    assert run_sort.sort_accuracy(torch.tensor([[0.5, 2.0, -1.0]]), values) == (1.0, 1.0)
-    exact, elementwise = run_sort.sort_accuracy(torch.tensor([[-1.0, 2.0, 0.5]]), values)
+    assert sort_train.sort_accuracy(torch.tensor([[0.5, 2.0, -1.0]]), values) == (1.0, 1.0)
+    exact, elementwise = sort_train.sort_accuracy(torch.tensor([[-1.0, 2.0, 0.5]]), values)
     assert exact == 0.0 and elementwise == pytest.approx(1 / 3)
 
 
@@ -66,15 +67,15 @@ def test_pair_errors_by_digit():
     values = torch.tensor([[1234.0, 1299.0, 5000.0, 1235.0]])
     # 5000 > 1299 > 1235 > 1234: the leading digit decides 3 pairs, the third 2, the last 1
     right = torch.tensor([[1.0, 3.0, 4.0, 2.0]])
-    assert run_sort.pair_errors_by_digit(right, values, 4) == ([0, 0, 0, 0], [3, 0, 2, 1])
+    assert sort_train.pair_errors_by_digit(right, values, 4) == ([0, 0, 0, 0], [3, 0, 2, 1])
     swapped = torch.tensor([[2.0, 3.0, 4.0, 1.0]])  # 1234 above 1235: the last digit's pair
-    assert run_sort.pair_errors_by_digit(swapped, values, 4) == ([0, 0, 0, 1], [3, 0, 2, 1])
+    assert sort_train.pair_errors_by_digit(swapped, values, 4) == ([0, 0, 0, 1], [3, 0, 2, 1])
     flat = torch.zeros(1, 4)  # every pair tied in score: all wrong
-    assert run_sort.pair_errors_by_digit(flat, values, 4) == ([3, 0, 2, 1], [3, 0, 2, 1])
+    assert sort_train.pair_errors_by_digit(flat, values, 4) == ([3, 0, 2, 1], [3, 0, 2, 1])
 
 
 def test_regroup_puts_every_item_in_that_many_sequences():
-    pick = run_sort.regroup(12, 3, 4, torch.Generator().manual_seed(0))
+    pick = sort_train.regroup(12, 3, 4, torch.Generator().manual_seed(0))
     assert pick.shape == (16, 3)
     assert torch.equal(torch.bincount(pick.flatten(), minlength=12), torch.full((12,), 4))
     assert all(len(set(row.tolist())) == 3 for row in pick)  # no item twice in one sequence
@@ -82,7 +83,7 @@ def test_regroup_puts_every_item_in_that_many_sequences():
 
 def test_near_groups_are_runs_of_close_numbers():
     values = torch.randperm(60).float().view(12, 5) * 7  # 60 distinct numbers
-    pick = run_sort.near_groups(values, 5, 3, torch.Generator().manual_seed(0))
+    pick = sort_train.near_groups(values, 5, 3, torch.Generator().manual_seed(0))
     assert pick.shape == (36, 5)
     assert torch.equal(torch.bincount(pick.flatten(), minlength=60), torch.full((60,), 3))
     ranks = values.flatten().argsort().argsort()[pick]  # value ranks of each run's items
@@ -278,7 +279,7 @@ def test_summarize_tabulates_every_run_beside_it(tmp_path):
 def test_best_epoch_breaks_exact_ties_by_elementwise_accuracy(tmp_path, monkeypatch):
     # exact accuracy 0 at every epoch (as at n = 15 early on): the element-wise one decides
     accuracies = iter([(0.0, 0.30), (0.0, 0.45), (0.0, 0.40)])
-    monkeypatch.setattr(run_sort, "sort_accuracy", lambda scores, values: next(accuracies))
+    monkeypatch.setattr(sort_train, "sort_accuracy", lambda scores, values: next(accuracies))
     r = run_sort.main([*TINY, "--num_epochs", "2", "--out", str(tmp_path / "run")])
     assert r["best_epoch"] == 2 and r["val_exact"] == 0.0
     assert r["test_exact"] == 0.0 and r["test_elementwise"] == 0.40  # the third call: test

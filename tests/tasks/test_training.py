@@ -1,4 +1,4 @@
-"""tasks/training.py: exact resume, atomic checkpoints, DDP ranks in sync."""
+"""tasks/common/training.py: exact resume, atomic checkpoints, DDP ranks in sync."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 from tasks import run_baseline
-from tasks.cli import UserError, append_csv
-from tasks.plots import metric_panels, plot_learning_curves
-from tasks.training import Trainer
-from tests.conftest import ROOT
+from tasks.common.cli import UserError, append_csv
+from tasks.common.plots import metric_panels, plot_learning_curves
+from tasks.common.training import Trainer
+from tests.conftest import ROOT, run_task, task_env
 
 TINY = ["--dataset", "digits", "--steps_per_epoch", "4", "--batch_size", "16", "--no-progress"]
 
@@ -102,7 +102,7 @@ def test_ddp_two_cpu_ranks_end_identical(tmp_path, script):
         str(tmp_path),
         *extra,
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = task_env(OMP_NUM_THREADS="1")
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     check = json.loads((tmp_path / "ddp_check.json").read_text())
@@ -132,3 +132,67 @@ def test_learning_curves_put_every_task_s_accuracies_beside_each_other_not_with_
     losses, accuracies = metric_panels(keys)
     assert losses == ["train_loss", "val_mse"]
     assert accuracies == ["val_acc", "val_exact", "val_elementwise", "val_select_acc"]
+
+
+def _tiny_trainer(out, **kwargs):
+    model = nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    return Trainer(model, opt, out=out, config={"a": 1}, progress=False, **kwargs)
+
+
+def _step(net, gen):
+    loss = net(torch.randn(4, 2, generator=gen)).pow(2).mean()
+    loss.backward()
+    return {"loss": loss.item() / 3}  # a float with more than 6 significant digits
+
+
+def _val(model):
+    return {"val_acc": float(model.weight.sum()) / 7}
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04truncated"])
+def test_resume_from_an_unreadable_checkpoint_is_a_one_line_error(tmp_path, content):
+    _tiny_trainer(tmp_path).fit(1, 2, _step, _val)
+    (tmp_path / "ckpt.pt").write_bytes(content)
+    with pytest.raises(UserError, match=r"ckpt\.pt is not a readable checkpoint.*delete it"):
+        _tiny_trainer(tmp_path, resume=True)
+    # end to end: one line, exit 2
+    run_baseline.main([*TINY, "--num_epochs", "1", "--out", str(tmp_path / "b")])
+    (tmp_path / "b" / "ckpt.pt").write_bytes(content)
+    r = run_task(
+        "run_baseline.py", *TINY, "--num_epochs", "2", "--out", str(tmp_path / "b"), "--resume"
+    )
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "not a readable checkpoint" in lines[0], (
+        r.stderr
+    )
+
+
+def test_an_unwritable_metrics_file_keeps_the_epoch_s_checkpoint(tmp_path):
+    (tmp_path / "metrics.csv").mkdir()  # unwritable as a file, for root too
+    trainer = _tiny_trainer(tmp_path)
+    with pytest.raises(UserError, match=r"cannot write .*metrics\.csv.*epoch 1 is saved"):
+        trainer.fit(2, 2, _step, _val)
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["epoch"] == 1
+
+
+def test_resume_keeps_the_precision_of_earlier_metrics_rows(tmp_path):
+    _tiny_trainer(tmp_path).fit(2, 2, _step, _val)
+    before = (tmp_path / "metrics.csv").read_text().splitlines()
+    # a third epoch's row left by a crash before its checkpoint: dropped on resume
+    (tmp_path / "metrics.csv").write_text("\n".join([*before, before[-1].replace("2,", "3,", 1)]))
+    _tiny_trainer(tmp_path, resume=True).fit(3, 2, _step, _val)
+    after = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert after[:3] == before and len(after) == 4
+    assert len(after[1].split(",")[1]) > 9  # full precision, not 6 significant digits
+
+
+def test_a_temporary_file_left_by_a_killed_write_is_removed_at_the_next_start(tmp_path):
+    _tiny_trainer(tmp_path).fit(1, 2, _step, _val)
+    stale = [tmp_path / ".ckpt.pt.k1ll3d.tmp", tmp_path / ".best.pt.abc_12.tmp"]
+    for p in stale:
+        p.write_bytes(b"half a checkpoint")
+    keep = tmp_path / "notes.tmp"
+    keep.write_text("not ours")
+    _tiny_trainer(tmp_path, resume=True)
+    assert not any(p.exists() for p in stale) and keep.exists()

@@ -120,8 +120,7 @@ class SortCNN(nn.Module):
     through the convolutions once, and only the columns where two tiles meet are convolved per
     number (``_shared``), so a step whose tiles each appear in several numbers costs less. It is
     the same function (up to rounding) whenever the two outer pixel columns of every tile are
-    blank; ink there (about 1.6 % of MNIST digits) changes the first layer's output at the
-    tile's edge only.
+    blank; ink there changes the first layer's output at the tile's edge only.
     """
 
     def __init__(self, num_digits: int = 4):
@@ -135,7 +134,7 @@ class SortCNN(nn.Module):
 
     def forward(self, x: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
         # Pooling before the ReLU is the same map (ReLU is monotone) on 4x fewer elements, and
-        # channels-last convolutions are faster on CPU: together ~25 % off a training step.
+        # channels-last convolutions are faster on CPU.
         x = x.contiguous(memory_format=torch.channels_last)
         x = F.relu(F.max_pool2d(self.conv1(x), 2))
         if index is None:

@@ -16,8 +16,10 @@ model, optimizer, epoch, best_val, config, RNG state), ``best.pt`` (the best mod
 
 from __future__ import annotations
 
+import csv
 import math
 import os
+import pickle
 import time
 from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -29,9 +31,17 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from tasks.cli import UserError, append_csv, atomic_save, write_csv, write_json
-from tasks.data import DATASETS
-from tasks.plots import plot_learning_curves, read_csv
+from tasks.common.cli import (
+    UserError,
+    append_csv,
+    atomic_save,
+    check_ranges,
+    remove_stale_temps,
+    write_csv,
+    write_json,
+)
+from tasks.common.data import DATASETS
+from tasks.common.plots import plot_learning_curves
 
 __all__ = ["ImageTaskFlags", "RunFlags", "Trainer", "distributed_context", "seed_everything"]
 
@@ -77,8 +87,21 @@ class ImageTaskFlags(RunFlags):
     weight_decay: float = field(default=5e-4, metadata={"help": "SGD weight decay"})
 
     def validate(self) -> None:
-        if self.augment < 0:
-            raise ValueError(f"--augment must be >= 0 pixels, got {self.augment}")
+        check_ranges(self, at_least={"augment": 0, "weight_decay": 0, "momentum": 0})
+        if not self.momentum < 1:
+            raise ValueError(f"--momentum must be in [0, 1), got {self.momentum}")
+
+
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """``torch.load`` of a checkpoint; an unreadable file (empty, truncated: a write killed
+    before atomic writes, a full disk, a copy cut short) is a one-line error naming it."""
+    try:
+        return torch.load(path, map_location=device, weights_only=False)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as err:
+        raise UserError(
+            f"{path} is not a readable checkpoint ({str(err).splitlines()[0][:80] or 'empty'}); "
+            "delete it to start that run over, or pass another --out"
+        ) from None
 
 
 def seed_everything(seed: int) -> None:
@@ -157,6 +180,8 @@ class Trainer:
         self.start_epoch, self.best_val, self.best_epoch = 0, -math.inf, -1
         self.ckpt_path, self.best_path = self.out / "ckpt.pt", self.out / "best.pt"
         self.metrics_path = self.out / "metrics.csv"
+        if self.rank == 0:  # left by a run killed while writing a checkpoint
+            remove_stale_temps(self.out)
         if resume:
             self._resume()
         elif self.ckpt_path.exists():
@@ -197,7 +222,7 @@ class Trainer:
     def _resume(self) -> None:
         if not self.ckpt_path.exists():
             raise UserError(f"--resume: no checkpoint at {self.ckpt_path}")
-        ckpt = torch.load(self.ckpt_path, map_location=self.device, weights_only=False)
+        ckpt = load_checkpoint(self.ckpt_path, self.device)
         # a flag added after the checkpoint was written counts as having had its default
         written = {**self.defaults, **ckpt["config"]}
         saved = {k: v for k, v in written.items() if k not in RESUMABLE_KEYS}
@@ -215,7 +240,9 @@ class Trainer:
         self.best_val, self.best_epoch = ckpt["best_val"], ckpt["best_epoch"]
         torch.set_rng_state(ckpt["torch_rng"])
         if self.rank == 0 and self.metrics_path.exists():  # drop rows of an unfinished epoch
-            rows = [r for r in read_csv(self.metrics_path) if r["epoch"] <= self.start_epoch]
+            with open(self.metrics_path, newline="") as fh:  # the cells as written: no rounding
+                rows = list(csv.DictReader(fh))
+            rows = [r for r in rows if float(r["epoch"]) <= self.start_epoch]
             if rows:
                 write_csv(self.metrics_path, rows)
             else:
@@ -237,7 +264,7 @@ class Trainer:
 
     def load_best(self) -> int:
         """Load the best-on-validation weights into the model; returns their epoch."""
-        best = torch.load(self.best_path, map_location=self.device, weights_only=False)
+        best = load_checkpoint(self.best_path, self.device)
         self.model.load_state_dict(best["model"])
         return best["epoch"]
 
@@ -283,8 +310,14 @@ class Trainer:
                         {"model": self.model.state_dict(), "epoch": epoch, "val": val},
                         self.best_path,
                     )
-                append_csv(self.metrics_path, row)
-                self._save(epoch)
+                self._save(epoch)  # first: a failed metrics write must not lose the epoch
+                try:
+                    append_csv(self.metrics_path, row)
+                except OSError as err:
+                    raise UserError(
+                        f"cannot write {self.metrics_path} ({err.strerror or err}); epoch {epoch} "
+                        f"is saved in {self.ckpt_path}: make the file writable and --resume"
+                    ) from None
                 plot_learning_curves(self.metrics_path, self.out / "curves.png")
                 shown = " ".join(f"{k} {_fmt(v)}" for k, v in row.items() if k != "epoch")
                 print(f"epoch {epoch}/{num_epochs} {shown} best {self.best_val:.4f}", flush=True)

@@ -8,6 +8,7 @@ import csv
 import dataclasses
 import io
 import json
+import math
 import os
 import sys
 import tempfile
@@ -24,7 +25,11 @@ __all__ = [
     "append_csv",
     "atomic_save",
     "atomic_write_text",
+    "check_device",
+    "check_out",
+    "check_ranges",
     "parse_config",
+    "remove_stale_temps",
     "run_main",
     "write_json",
 ]
@@ -81,13 +86,67 @@ def parse_config(
         parser.add_argument(*names, dest=f.name, **kw)
     ns = parser.parse_args(argv)
     cfg = cls(**vars(ns))
-    check = getattr(cfg, "validate", None)
-    if check is not None:
-        try:
+    try:
+        for name, value in vars(cfg).items():  # NaN passes every `<` check: refuse it here
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"--{name} must be a finite number, got {value}")
+        check = getattr(cfg, "validate", None)
+        if check is not None:
             check()
-        except (ValueError, UserError) as err:
-            parser.error(str(err))
+        if getattr(cfg, "device", None) is not None:
+            check_device(cfg.device)
+        if getattr(cfg, "out", None):
+            check_out(cfg.out)
+    except (ValueError, UserError) as err:
+        parser.error(str(err))
     return cfg
+
+
+def check_ranges(
+    cfg: Any, *, at_least: dict[str, float] | None = None, above: dict[str, float] | None = None
+) -> None:
+    """Raise ``ValueError`` naming the first flag below its bound: ``at_least`` (``>=``) or
+    ``above`` (``>``); a list flag is checked value by value. ``not >=``, so NaN fails too."""
+    for bounds, op, ok in ((at_least or {}, ">=", float.__ge__), (above or {}, ">", float.__gt__)):
+        for name, low in bounds.items():
+            value = getattr(cfg, name)
+            if not all(
+                ok(float(v), float(low)) for v in (value if isinstance(value, list) else [value])
+            ):
+                raise ValueError(f"--{name} must be {op} {low:g}, got {value}")
+
+
+def check_device(device: str) -> None:
+    """``--device`` names a device this machine has (a one-line error, not a driver traceback)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UserError(
+            f"--device {device!r} is not a torch device (cpu, cuda, cuda:0 ...)"
+        ) from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device} but CUDA is not available on this machine")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise UserError(f"--device {device} but this machine has {count} CUDA device(s)")
+    elif dev.type not in ("cpu", "mps"):
+        raise UserError(f"--device {device}: only cpu and cuda devices are supported")
+
+
+def check_out(out: str | Path) -> None:
+    """``--out`` is a folder this process can create or write into: not a file, not below a
+    file, and writable (checked before anything is written)."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder")
+    existing = path
+    while not existing.exists():  # the nearest ancestor that exists
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"--out {out}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: {existing} is not writable")
 
 
 def run_main(main: Callable[[], Any]) -> None:
@@ -110,6 +169,19 @@ def _leave_process_group() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def remove_stale_temps(folder: str | Path) -> list[Path]:
+    """Delete the temporary files (``.<name>.<random>.tmp``) that a write killed mid-way left in
+    ``folder``; the files they were to replace are intact. Returns those removed."""
+    removed = []
+    folder = Path(folder)
+    if folder.is_dir():
+        for tmp in folder.glob(".*.*.tmp"):
+            if tmp.is_file():
+                tmp.unlink(missing_ok=True)
+                removed.append(tmp)
+    return removed
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -149,8 +221,7 @@ def set_up_torch(threads: int, device: str = "cpu") -> None:
     that ``--device`` exists here (a one-line error, not a traceback, when CUDA is missing)."""
     if threads:
         torch.set_num_threads(threads)
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device} but CUDA is not available on this machine")
+    check_device(device)
 
 
 def write_csv(path: str | Path, rows: list[dict[str, Any]]) -> None:

@@ -1,0 +1,1 @@
+"""Time-series denoising (OptNet) and the TV backend benchmark."""

@@ -1,0 +1,1 @@
+"""Differentiable kNN, its CNN baseline and classical kNN."""
