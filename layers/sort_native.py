@@ -33,6 +33,7 @@ from layers._checks import SolverError, format_indices
 __all__ = [
     "birkhoff_dual",
     "birkhoff_projection",
+    "isotonic_regression",
     "nested_topk_matrix",
     "project_permutahedron",
     "topk_projection",
@@ -125,6 +126,30 @@ class _PermutahedronProjection(torch.autograd.Function):
         if w_order is not None:
             gw = torch.empty_like(gw).scatter_(-1, w_order, gw)
         return gz.to(g.dtype), gw.to(g.dtype), None, None
+
+
+class _IsotonicRegression(torch.autograd.Function):
+    """``v = argmin_{v_1 >= ... >= v_n} |v - y|^2``; its Jacobian averages within the blocks."""
+
+    @staticmethod
+    def forward(ctx: Any, y: Tensor) -> Tensor:  # type: ignore[override]
+        y64 = y.to(F64)
+        block, count, my, _ = _pav_blocks(y64, torch.zeros_like(y64))
+        ctx.save_for_backward(block, count)
+        return my.gather(-1, block).to(y.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> Tensor:  # type: ignore[override]
+        block, count = ctx.saved_tensors
+        return _block_average(g.to(F64), block, count).to(g.dtype)
+
+
+def isotonic_regression(y: Tensor) -> Tensor:
+    """Decreasing isotonic regression of ``y (..., n)``: the ``isotonic`` CVXPY statement
+    ``argmin_{v_1 >= ... >= v_n} |v|^2 / 2 - <y, v>`` (the dual of the permutahedron
+    projection), by pool-adjacent-violators; differentiable."""
+    n = y.shape[-1]
+    return _IsotonicRegression.apply(y.reshape(-1, n)).reshape(y.shape)
 
 
 def project_permutahedron(

@@ -125,7 +125,7 @@ speed a sort relaxation can reach without a solver.
 
 ## Picking a backend in code
 
-Every layer takes `backend=` (and `tuned=False` for the solver's own settings, which the
+Every layer takes `backend=` (and `settings="defaults"` for the solver's own settings, which the
 comparison shows you rarely want). The solution is checked before it is used: an inaccurate
 solve raises `SolverError` instead of returning a wrong gradient.""",
     ),

@@ -26,9 +26,11 @@ from layers import (
     grid_difference_matrix,
     neural_sort,
     qp,
+    sort_native,
     tv_denoise,
     tv_denoise_2d,
 )
+from layers.sort_lp import DEFAULT_LP_BACKEND, sort_qp_layer
 from tasks.backends.qp_bench import (
     QUICK_SIZES,
     SIZES,
@@ -47,7 +49,6 @@ from tasks.common.cli import (
     write_csv,
     write_json,
 )
-from tasks.common.library import DEFAULT_LP_BACKEND, settings, settings_differ, sort_qp_layer
 
 CompareConfig = Any  # the flags dataclass of tasks/compare_backends.py
 
@@ -57,6 +58,11 @@ F64 = torch.float64
 
 Tensor = torch.Tensor
 QPData = dict[str, "Tensor | None"]
+
+
+def _settings(library: bool) -> str:
+    """The ``settings=`` of a layer call: the library's accurate settings or the solver's own."""
+    return "accurate" if library else "defaults"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -90,7 +96,7 @@ def _differ(backend: str) -> bool:
     if backend not in BACKENDS:
         return False
     b = BACKENDS[backend]
-    return b.kind == "cvxpylayers" or settings_differ(b)
+    return b.kind == "cvxpylayers" or b.accurate != b.solver_defaults
 
 
 def _installed(backend: str) -> str | None:
@@ -142,7 +148,7 @@ def _qp_problem(size: str, quick: bool, seed: int, max_diffcp_n: int) -> Problem
                 d["A"],
                 d["b"],
                 backend=backend,
-                **settings(tuned),
+                settings=_settings(tuned),
                 check=tuned,
             )  # type: ignore[return-value]
 
@@ -204,7 +210,9 @@ def _tv_problem(n: int, B: int, seed: int) -> Problem:
 
     def method(backend: str, tuned: bool) -> Callable[..., Tensor]:
         extra = {} if tuned else {"check_tol": math.inf}
-        return lambda y, D, lam: tv_denoise(y, D, lam, backend=backend, **settings(tuned), **extra)
+        return lambda y, D, lam: tv_denoise(
+            y, D, lam, backend=backend, settings=_settings(tuned), **extra
+        )
 
     methods, skipped = _collect(TV_BACKENDS, method, _installed)
     return Problem(
@@ -235,7 +243,7 @@ def _tv2d_problem(side: int, B: int, seed: int) -> Problem:
 
         def run(y: Tensor, lam: Tensor) -> Tensor:
             x = tv_denoise_2d(
-                y.reshape(-1, side, side), lam, backend=backend, **settings(tuned), **extra
+                y.reshape(-1, side, side), lam, backend=backend, settings=_settings(tuned), **extra
             )
             return x.reshape(y.shape)  # type: ignore[union-attr]
 
@@ -287,6 +295,17 @@ def _sort_qp(kind: str, n: int, k: int) -> Callable[[Tensor], QPData]:
     return to_qp
 
 
+def _native_sort_qp(kind: str, n: int, k: int) -> Callable[[Tensor], Tensor]:
+    """The ``native`` backend's solver of ``sort_qp_problem(kind, n, k)``: its variable as a
+    function of its parameter, flattened as the statement's."""
+    if kind == "topk":
+        return lambda z: sort_native.topk_projection(z, k)
+    if kind == "isotonic":
+        return sort_native.isotonic_regression
+    r = torch.arange(n - 1, -n, -2, dtype=F64)  # birkhoff: the projection of r t'
+    return lambda t: sort_native.birkhoff_projection(r[:, None] * t[:, None, :]).flatten(1)
+
+
 def _sort_problem(kind: str, n: int, B: int, k: int, seed: int) -> Problem:
     g = torch.Generator().manual_seed(seed)
     # scales that keep the solutions soft (fractional entries), so the active set is unique
@@ -294,10 +313,11 @@ def _sort_problem(kind: str, n: int, B: int, k: int, seed: int) -> Problem:
     z = torch.randn(B, n, generator=g, dtype=F64) * scale
 
     def method(backend: str, tuned: bool) -> Callable[..., Tensor]:
-        layer = sort_qp_layer(kind, n, k, backend, **settings(tuned))
+        layer = sort_qp_layer(kind, n, k, backend, settings=_settings(tuned))
         return lambda z: layer.solve(z).reshape(z.shape[0], -1)
 
     methods, skipped = _collect(list(BACKENDS), method, _installed)
+    methods["native"] = _native_sort_qp(kind, n, k)
     if kind == "topk":
         methods["neuralsort (closed form)"] = lambda z: neural_sort(z, 1.0)[:, :k].sum(-2)
         about = f"LP top-k membership, batch {B}, n {n}, k {k}"

@@ -17,10 +17,10 @@ import torch
 from tqdm.auto import tqdm
 
 from layers import BACKENDS, DEFAULT_BACKEND, qp
+from layers._batched import one_thread
 from tasks.backends.reference import Reference, random_qp, reference
 from tasks.common.bench import PeakRSS, machine_info, sync
 from tasks.common.cli import append_csv, set_up_torch, write_json
-from tasks.common.library import one_thread
 from tasks.common.plots import num as _num
 from tasks.common.plots import read_csv
 

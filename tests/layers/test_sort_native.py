@@ -261,3 +261,11 @@ def test_birkhoff_failure_is_a_solver_error(monkeypatch: pytest.MonkeyPatch) -> 
 def test_unknown_backend_lists_native() -> None:
     with pytest.raises(ValueError, match="native"):
         soft_rank(torch.randn(2, 3), backend="nope")
+
+
+def test_isotonic_regression_matches_its_statement() -> None:
+    """The ``isotonic`` CVXPY statement (the permutahedron projection's dual) solved directly."""
+    y = torch.randn(5, 9, dtype=F64)
+    layer = SL.sort_qp_layer("isotonic", 9, 0, "moreau")
+    _agree(sort_native.isotonic_regression, layer.solve, y)
+    assert gradcheck(sort_native.isotonic_regression, (y.clone().requires_grad_(),))
