@@ -24,7 +24,7 @@ name (``SORTS``)            class / function             what it is
                             ``sinkhorn_sort``            entropy-regularized Birkhoff LP
 ``lp-permutahedron``        ``LPPermutahedron``          quadratically regularized LP over
                             ``soft_sort``, ``soft_rank``  the permutahedron (Blondel et al.,
-                            ``lp_permutahedron_sort``    ICML 2020), through cvxpylayers
+                            ``lp_permutahedron_sort``    ICML 2020)
 ``lp-birkhoff``             ``LPBirkhoff``               quadratically regularized LP over
                             ``lp_birkhoff_sort``         doubly stochastic matrices (n^2 vars)
 ``lp-topk``                 ``LPTopK``, ``lp_topk``      regularized LP over {0 <= y <= 1,
@@ -33,9 +33,10 @@ name (``SORTS``)            class / function             what it is
 
 The LP relaxations keep a quadratic regularizer on purpose: a pure LP's solution is piecewise
 constant in its parameters, so its gradient is zero almost everywhere (cvxpylayers issue #127).
-Their CVXPY statements and functions live in :mod:`layers.sort_lp` (solved through
-cvxpylayers by the backend named in ``backend``, default ``DEFAULT_LP_BACKEND``); this module
-holds the closed forms, the :class:`SortRelaxation` interface, the modules and the registry.
+Their CVXPY statements and functions live in :mod:`layers.sort_lp` (solved by the backend named
+in ``backend``: ``native``, the exact solvers of :mod:`layers.sort_native`, by default, or a
+cvxpylayers backend); this module holds the closed forms, the :class:`SortRelaxation` interface,
+the modules and the registry.
 """
 
 from __future__ import annotations

@@ -5,10 +5,13 @@ and ``lp_birkhoff_sort``; the modules and the registry are in :mod:`layers.sort`
 
 The LP relaxations keep a quadratic regularizer on purpose: a pure LP's solution is piecewise
 constant in its parameters, so its gradient is zero almost everywhere (cvxpylayers issue #127).
-They are solved through cvxpylayers by the backend named in ``backend`` (:mod:`layers.backends`;
-default ``DEFAULT_LP_BACKEND``), in float64 whatever the input dtype. Every CVXPY problem
-(:func:`sort_qp_problem`) is built once per ``(kind, n, k, backend)`` and cached for the
-process; cvxpy is imported then, not with this module.
+Each problem's CVXPY statement (:func:`sort_qp_problem`) is its definition. The ``native``
+backend (the default, ``DEFAULT_LP_BACKEND``) solves the same problems exactly in batched torch
+(:mod:`layers.sort_native`); any backend of :mod:`layers.backends` solves the statement through
+cvxpylayers. Decisions are made in float64 whatever the input dtype; half precision is computed
+in float32 and returned in its own dtype. A CVXPY problem is built once per
+``(kind, n, k, backend)`` and cached for the process; cvxpy is imported then, not with this
+module.
 """
 
 from __future__ import annotations
@@ -52,9 +55,10 @@ __all__ = [
 ]
 
 # "native" solves every LP relaxation exactly in torch (layers.sort_native); every backend of
-# the table solves its CVXPY statement (sort_qp_problem) through cvxpylayers.
+# the table solves its CVXPY statement (sort_qp_problem) through cvxpylayers. The default is what
+# tasks/compare_backends.py recommends (results/backends/recommended.json; a test ties them).
 LP_SORT_BACKENDS: tuple[str, ...] = ("native", *BACKENDS)
-DEFAULT_LP_BACKEND = "moreau"
+DEFAULT_LP_BACKEND = "native"
 
 
 def check_lp_backend(backend: str) -> None:

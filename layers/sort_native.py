@@ -64,17 +64,19 @@ def _pav_blocks(s: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         return block, torch.ones_like(s), s, w
     start = torch.ones(B, n, dtype=torch.bool, device=s.device)
     start[:, 1:] = ~merge
-    data = torch.stack([s, w, torch.ones_like(s)], 1)  # sums of s, w and the counts at once
+    ones = torch.ones_like(s)
     for _ in range(n):
         block = start.cumsum(-1) - 1
-        sums = torch.zeros_like(data).scatter_add_(-1, block.unsqueeze(1).expand_as(data), data)
-        count = sums[:, 2].clamp_min(1)
-        means = sums[:, :2] / count.unsqueeze(1)
-        cur = block[:, 1:].unsqueeze(1).expand(B, 2, n - 1)
-        d = means.gather(-1, (cur - 1).clamp_min(0)) - means.gather(-1, cur)
-        merge = start[:, 1:] & (d[:, 0] < d[:, 1])
+        count = torch.zeros_like(s).scatter_add_(-1, block, ones)
+        ms = torch.zeros_like(s).scatter_add_(-1, block, s).div_(count.clamp_min_(1))
+        mw = torch.zeros_like(w).scatter_add_(-1, block, w).div_(count)
+        # at a block's first position the previous position holds the previous block
+        prev, cur = block[:, :-1], block[:, 1:]
+        ds = ms.gather(-1, prev).sub_(ms.gather(-1, cur))
+        dw = mw.gather(-1, prev).sub_(mw.gather(-1, cur))
+        merge = start[:, 1:] & (ds < dw)
         if not bool(merge.any()):
-            return block, count, means[:, 0], means[:, 1]
+            return block, count, ms, mw
         start[:, 1:] &= ~merge
     raise AssertionError("pool adjacent violators did not terminate")  # pragma: no cover
 
@@ -97,15 +99,17 @@ class _PermutahedronProjection(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx: Any, z: Tensor, w: Tensor, z_sorted: bool, w_sorted: bool
     ) -> Tensor:
-        z64, w64 = z.to(F64), w.to(F64)
+        # sorted in the input's dtype (the same order, faster than in float64), then widened
         if z_sorted:
-            s, z_order = z64, None
+            s, z_order = z.to(F64), None
         else:
-            s, z_order = torch.sort(z64, dim=-1, descending=True, stable=True)
+            s, z_order = torch.sort(z, dim=-1, descending=True, stable=True)
+            s = s.to(F64)
         if w_sorted:
-            w_desc, w_order = w64, None
+            w_desc, w_order = w.to(F64), None
         else:
-            w_desc, w_order = torch.sort(w64, dim=-1, descending=True)
+            w_desc, w_order = torch.sort(w, dim=-1, descending=True)
+            w_desc = w_desc.to(F64)
         block, count, ms, mw = _pav_blocks(s, w_desc)
         # r = (s - mean_block s) + mean_block w: no cancellation between huge s and small w
         r = s - ms.gather(-1, block) + mw.gather(-1, block)
