@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install test test-all lint format demo notebooks clean
+.PHONY: install peers test test-all lint format demo notebooks clean
 
 install: $(STAMP)
 
@@ -17,6 +17,13 @@ $(STAMP): pyproject.toml Makefile
 	# qpth 0.0.18 declares numpy<2 but works with numpy 2: the optional comparison peer.
 	$(PY) -m pip install -qq --no-deps qpth==0.0.18
 	touch $(STAMP)
+
+# Optional peers of tasks/bench_sort.py --race: diffsort, and torchsort built for the CPU (no nvcc
+# on PATH while it compiles, or it builds CUDA kernels; a few minutes on 2 cores).
+peers: install
+	$(PY) -m pip install -qq --no-deps diffsort
+	env PATH="$$(echo "$$PATH" | tr ':' '\n' | while read -r d; do [ -x "$$d/nvcc" ] || echo "$$d"; done | paste -sd:)" \
+	  CUDA_HOME= MAX_JOBS=2 $(PY) -m pip install -qq --no-build-isolation --no-deps torchsort==0.1.10
 
 test: install
 	$(PY) -m ruff check .
