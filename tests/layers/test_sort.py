@@ -7,9 +7,6 @@ default tolerances. The LP relaxations are tested in test_sort_lp.py.
 
 from __future__ import annotations
 
-import math
-
-import numpy as np
 import pytest
 import torch
 
@@ -31,6 +28,7 @@ from layers.sort import (
     soft_sort,
     stochastic_neural_sort,
 )
+from tests.layers.references import distinct, perm_matrix, topk_indicator
 
 # moreau rebuilds its batch solver (and says so) when the batch size changes between calls
 pytestmark = pytest.mark.filterwarnings("ignore:Batch size has changed:UserWarning")
@@ -47,20 +45,6 @@ def _seed() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def pav_nonincreasing(y: np.ndarray) -> np.ndarray:
-    """Isotonic regression ``argmin_{v_1 >= ... >= v_n} |v - y|^2`` by pool-adjacent-violators."""
-    sums: list[float] = []
-    counts: list[int] = []
-    for yi in y:
-        sums.append(float(yi))
-        counts.append(1)
-        while len(sums) > 1 and sums[-2] / counts[-2] < sums[-1] / counts[-1]:
-            s, c = sums.pop(), counts.pop()
-            sums[-1] += s
-            counts[-1] += c
-    return np.concatenate([np.full(c, s / c) for s, c in zip(sums, counts)])
-
-
 def naive_neural_sort(s: torch.Tensor, tau: float) -> torch.Tensor:
     """The paper's formula with the explicit ``A_s`` matrix."""
     n = s.shape[-1]
@@ -68,24 +52,6 @@ def naive_neural_sort(s: torch.Tensor, tau: float) -> torch.Tensor:
     r = n + 1 - 2 * torch.arange(1, n + 1, dtype=s.dtype)
     logits = (r[:, None] * s[..., None, :] - A.sum(-1)[..., None, :]) / tau
     return torch.softmax(logits, -1)
-
-
-def perm_matrix(scores: torch.Tensor) -> torch.Tensor:
-    order = torch.argsort(scores, dim=-1, descending=True, stable=True)
-    return torch.nn.functional.one_hot(order, scores.shape[-1]).to(scores.dtype)
-
-
-def topk_indicator(scores: torch.Tensor, k: int) -> torch.Tensor:
-    return perm_matrix(scores)[..., :k, :].sum(-2)
-
-
-def distinct(*shape: int, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """Scores with gaps >= 0.5 between any two items of a row (well-separated limits)."""
-    g = torch.Generator().manual_seed(seed)
-    n = shape[-1]
-    base = torch.arange(n, dtype=dtype) * 0.5 + 0.1 * torch.rand(n, generator=g, dtype=dtype)
-    idx = torch.stack([torch.randperm(n, generator=g) for _ in range(math.prod(shape[:-1]))])
-    return base[idx].reshape(shape)
 
 
 def fixed_generator() -> torch.Generator:

@@ -15,21 +15,9 @@ from layers.tv import (
     tv_denoise,
     tv_denoise_2d,
 )
+from tests.layers.references import gen, signals
 
 F64 = torch.float64
-
-
-def _gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def _signals(B: int, n: int, seed: int = 0) -> torch.Tensor:
-    """Piecewise-constant signals plus noise, float64."""
-    g = _gen(seed)
-    clean = torch.repeat_interleave(
-        torch.randint(0, 10, (B, 4), generator=g).double(), n // 4 + 1, dim=1
-    )[:, :n]
-    return clean + 0.8 * torch.randn(B, n, generator=g, dtype=F64)
 
 
 # ----------------------------------------------------------------------------- forward
@@ -37,7 +25,7 @@ def _signals(B: int, n: int, seed: int = 0) -> torch.Tensor:
 
 def test_limits_and_shapes():
     n = 16
-    y = _signals(2, n).float()
+    y = signals(2, n).float()
     D = difference_matrix(n)
     x = tv_denoise(y, D, 1e-6)  # lam -> 0: the input itself
     assert x.dtype == torch.float32 and x.shape == y.shape
@@ -56,14 +44,14 @@ def test_module_learns():
     n = 20
     layer = TVDenoise(n, "diff", lam=2.0)
     assert torch.equal(layer.D, difference_matrix(n)) and abs(layer.lam.item() - 2.0) < 1e-6
-    y = _signals(4, n).float()
+    y = signals(4, n).float()
     x = layer(y)
     x.pow(2).mean().backward()
     assert layer.D.grad is not None and layer.log_lam.grad is not None
     assert layer.last_info is not None and layer.last_info.backend == "native"
-    fixed = TVDenoise(n, "random", lam=1.0, learn_D=False, learn_lam=False, generator=_gen(0))
+    fixed = TVDenoise(n, "random", lam=1.0, learn_D=False, learn_lam=False, generator=gen(0))
     assert list(fixed.parameters()) == [] and fixed.D.shape == (n - 1, n)
-    again = TVDenoise(n, "random", generator=_gen(0))
+    again = TVDenoise(n, "random", generator=gen(0))
     assert torch.equal(again.D.detach(), fixed.D)
     layer2d = TVDenoise2d(0.5)
     out = layer2d(torch.randn(2, 4, 4))
@@ -76,10 +64,8 @@ def test_module_learns():
 def test_cvxpylayers_backends_agree(backend):
     pytest.importorskip("cvxpylayers")
     n = 10
-    y = _signals(2, n, seed=14)
-    D0 = difference_matrix(n, dtype=F64) + 0.1 * torch.randn(
-        n - 1, n, generator=_gen(15), dtype=F64
-    )
+    y = signals(2, n, seed=14)
+    D0 = difference_matrix(n, dtype=F64) + 0.1 * torch.randn(n - 1, n, generator=gen(15), dtype=F64)
     grads = {}
     for b in ("native", backend):
         D = D0.clone().requires_grad_()
@@ -102,7 +88,7 @@ def test_qp_form_backends(backend):
     if backend == "qpth":
         pytest.importorskip("qpth", reason="optional peer: pip install --no-deps qpth==0.0.18")
     n = 10
-    y = _signals(2, n, seed=16)
+    y = signals(2, n, seed=16)
     D = difference_matrix(n, dtype=F64).requires_grad_()
     x, info = tv_denoise(y, D, 0.8, backend=backend, return_info=True)
     x.sum().backward()
@@ -138,7 +124,7 @@ def test_qp_form_backends(backend):
     ],
 )
 def test_clear_errors(call, exc, needle):
-    y = _signals(3, 12)
+    y = signals(3, 12)
     D = difference_matrix(12, dtype=F64)
     with pytest.raises(exc, match=needle.replace("(", r"\(").replace(")", r"\)")):
         call(y, D)
@@ -152,7 +138,7 @@ def test_settings_defaults_reach_the_cvxpylayers_backends():
     """``settings="defaults"`` gives the solver its own settings (here Clarabel's); the layer
     still certifies the answer (check_tol relaxed for the loose defaults)."""
     pytest.importorskip("cvxpylayers")
-    y = _signals(2, 10)
+    y = signals(2, 10)
     D = difference_matrix(10, dtype=F64)
     x = tv_denoise(y, D, 1.0, backend="diffcp-clarabel", settings="defaults", check_tol=1e-2)
     torch.testing.assert_close(x, tv_denoise(y, D, 1.0), atol=1e-2 * (1 + 10), rtol=0)

@@ -17,21 +17,9 @@ from layers.tv import (
     tv_denoise_2d,
     tv_error_bound,
 )
+from tests.layers.references import gen, signals
 
 F64 = torch.float64
-
-
-def _gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def _signals(B: int, n: int, seed: int = 0) -> torch.Tensor:
-    """Piecewise-constant signals plus noise, float64."""
-    g = _gen(seed)
-    clean = torch.repeat_interleave(
-        torch.randint(0, 10, (B, 4), generator=g).double(), n // 4 + 1, dim=1
-    )[:, :n]
-    return clean + 0.8 * torch.randn(B, n, generator=g, dtype=F64)
 
 
 def _cvxpy_tv(y: np.ndarray, D: np.ndarray, lam: float) -> np.ndarray:
@@ -47,13 +35,13 @@ def _cvxpy_tv(y: np.ndarray, D: np.ndarray, lam: float) -> np.ndarray:
 @pytest.mark.parametrize("lam", [0.3, 2.0])
 def test_native_matches_direct_cvxpy(kind, lam):
     n, B = 12, 3
-    y = _signals(B, n)
+    y = signals(B, n)
     if kind == "diff":
         D = difference_matrix(n, dtype=F64)
     elif kind == "random":
-        D = torch.randn(n - 1, n, generator=_gen(1), dtype=F64)
+        D = torch.randn(n - 1, n, generator=gen(1), dtype=F64)
     else:  # more rows than columns: the n x n interior-point system
-        D = torch.randn(n + 5, n, generator=_gen(2), dtype=F64)
+        D = torch.randn(n + 5, n, generator=gen(2), dtype=F64)
     x, info = tv_denoise(y, D, lam, return_info=True)
     for i in range(B):
         ref = _cvxpy_tv(y[i].numpy(), D.numpy(), lam)
@@ -63,8 +51,8 @@ def test_native_matches_direct_cvxpy(kind, lam):
 
 def test_batched_D_and_lam():
     n, B = 10, 3
-    y = _signals(B, n)
-    D = torch.randn(B, n - 1, n, generator=_gen(3), dtype=F64)
+    y = signals(B, n)
+    D = torch.randn(B, n - 1, n, generator=gen(3), dtype=F64)
     lam = torch.tensor([0.5, 1.0, 3.0], dtype=F64)
     x = tv_denoise(y, D, lam)
     for i in range(B):
@@ -74,7 +62,7 @@ def test_batched_D_and_lam():
 
 def test_2d_matches_direct_cvxpy():
     H, W = 5, 6
-    g = _gen(4)
+    g = gen(4)
     img = (torch.rand(2, H, W, generator=g, dtype=F64) > 0.5).double()
     img = img + 0.3 * torch.randn(2, H, W, generator=g, dtype=F64)
     x, info = tv_denoise_2d(img, 0.25, return_info=True)
@@ -89,15 +77,15 @@ def test_2d_matches_direct_cvxpy():
 @pytest.mark.parametrize("kind", ["diff", "random", "batched"])
 def test_gradcheck_y_D_lam(kind):
     n = 8
-    y = (3 * torch.randn(3, n, generator=_gen(5), dtype=F64)).requires_grad_()
+    y = (3 * torch.randn(3, n, generator=gen(5), dtype=F64)).requires_grad_()
     if kind == "diff":
         D = difference_matrix(n, dtype=F64) + 0.05 * torch.randn(
-            n - 1, n, generator=_gen(6), dtype=F64
+            n - 1, n, generator=gen(6), dtype=F64
         )
     elif kind == "random":
-        D = torch.randn(n - 1, n, generator=_gen(7), dtype=F64)
+        D = torch.randn(n - 1, n, generator=gen(7), dtype=F64)
     else:
-        D = torch.randn(3, n + 2, n, generator=_gen(8), dtype=F64)
+        D = torch.randn(3, n + 2, n, generator=gen(8), dtype=F64)
     D.requires_grad_()
     lam = torch.tensor([0.7, 1.3, 2.0], dtype=F64, requires_grad=True)
     x = tv_denoise(y, D, lam)
@@ -110,19 +98,19 @@ def test_gradcheck_y_D_lam(kind):
 
 
 def test_gradcheck_2d():
-    img = torch.randn(2, 3, 4, generator=_gen(9), dtype=F64).requires_grad_()
+    img = torch.randn(2, 3, 4, generator=gen(9), dtype=F64).requires_grad_()
     lam = torch.tensor(0.4, dtype=F64, requires_grad=True)
     assert gradcheck(lambda a, b: tv_denoise_2d(a, b), (img, lam), eps=1e-6, atol=1e-6)
 
 
 def test_error_bound_is_an_upper_bound():
     n = 30
-    y = _signals(4, n, seed=11)
+    y = signals(4, n, seed=11)
     D = difference_matrix(n, dtype=F64)
     x = tv_denoise(y, D, 1.5)
     assert (tv_error_bound(x, y, D, 1.5) < 1e-6).all()
     for scale in (1e-6, 1e-3, 1e-1):
-        xp = x + scale * torch.randn(x.shape, generator=_gen(12), dtype=F64)
+        xp = x + scale * torch.randn(x.shape, generator=gen(12), dtype=F64)
         true = (xp - x).norm(dim=1) / n**0.5
         bound = tv_error_bound(xp, y, D, 1.5)
         assert (bound >= true * (1 - 1e-9)).all()
@@ -130,7 +118,7 @@ def test_error_bound_is_an_upper_bound():
 
 
 def test_inaccurate_solves_raise_with_the_elements():
-    y = _signals(3, 40, seed=13)
+    y = signals(3, 40, seed=13)
     with pytest.raises(SolverError, match="fail the optimality check") as err:
         tv_denoise(y, difference_matrix(40, dtype=F64), 1.0, max_iter=1, polish_rounds=0)
     assert err.value.failed and set(err.value.failed) <= {0, 1, 2}
