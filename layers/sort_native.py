@@ -112,24 +112,24 @@ class _PermutahedronProjection(torch.autograd.Function):
             w_desc = w_desc.to(F64)
         block, count, ms, mw = _pav_blocks(s, w_desc)
         # r = (s - mean_block s) + mean_block w: no cancellation between huge s and small w
-        r = s - ms.gather(-1, block) + mw.gather(-1, block)
+        r = (s - ms.gather(-1, block) + mw.gather(-1, block)).to(z.dtype)
         if z_order is not None:
             r = torch.empty_like(r).scatter_(-1, z_order, r)
-        ctx.save_for_backward(block, count, z_order, w_order)
-        return r.to(z.dtype)
+        ctx.save_for_backward(block, count.to(z.dtype), z_order, w_order)
+        return r
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor, Tensor, None, None]:  # type: ignore[override]
+        # a linear map with coefficients 1 / block size: exact enough in the gradient's dtype
         block, count, z_order, w_order = ctx.saved_tensors
-        g64 = g.to(F64)
-        gs = g64 if z_order is None else g64.gather(-1, z_order)  # descending order of z
-        avg = _block_average(gs, block, count)
+        gs = g if z_order is None else g.gather(-1, z_order)  # descending order of z
+        avg = _block_average(gs, block, count.to(g.dtype))
         gz, gw = gs - avg, avg
         if z_order is not None:
             gz = torch.empty_like(gz).scatter_(-1, z_order, gz)
         if w_order is not None:
             gw = torch.empty_like(gw).scatter_(-1, w_order, gw)
-        return gz.to(g.dtype), gw.to(g.dtype), None, None
+        return gz, gw, None, None
 
 
 class _IsotonicRegression(torch.autograd.Function):
