@@ -17,6 +17,7 @@ __all__ = [
     "hard_topk",
     "straight_through",
     "temperature",
+    "upcast_half",
 ]
 
 
@@ -44,6 +45,12 @@ def temperature(name: str, value: float | torch.Tensor) -> float:
         raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
     check_positive(name, value)
     return float(value)
+
+
+def upcast_half(x: torch.Tensor) -> torch.Tensor:
+    """float16 / bfloat16 scores in float32 (their range overflows in the relaxations' logits
+    and solvers; the callers return their results in the input's dtype); others unchanged."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def centred(scores: torch.Tensor) -> torch.Tensor:

@@ -11,9 +11,31 @@ from layers.sort import SortRelaxation, get_sort
 __all__ = ["DKNN", "knn_vote", "nearest_neighbors", "pairwise_sq_dists"]
 
 
+def _check_finite(name: str, x: torch.Tensor) -> None:
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(f"{name} has {bad} NaN/Inf entries; clean the input before this layer")
+
+
+def _check_no_overflow(d: torch.Tensor, *inputs: torch.Tensor) -> None:
+    """Finite inputs whose squared distances overflow the dtype get their own message."""
+    if not bool(torch.isfinite(d).all()):
+        top = max(float(t.abs().max()) for t in inputs if t.numel())
+        raise ValueError(
+            f"squared distances overflow {d.dtype} (inputs up to |x| = {top:.3g}); scale the "
+            "inputs down or use float64"
+        )
+
+
 def pairwise_sq_dists(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Squared Euclidean distances ``(m, d), (n, d) -> (m, n)``, clamped at 0."""
+    """Squared Euclidean distances ``(m, d), (n, d) -> (m, n)``, clamped at 0.
+
+    Raises ``ValueError`` for NaN/Inf inputs and for finite inputs whose distances overflow.
+    """
+    _check_finite("x", x)
+    _check_finite("y", y)
     d = x.pow(2).sum(-1, keepdim=True) - 2.0 * (x @ y.transpose(-1, -2)) + y.pow(2).sum(-1)
+    _check_no_overflow(d, x, y)
     return d.clamp_min_(0.0) if not d.requires_grad else d.clamp_min(0.0)
 
 
@@ -46,6 +68,8 @@ def nearest_neighbors(
     n = candidates.shape[0]
     if not 1 <= k <= n:
         raise ValueError(f"k must be in 1..{n} (the number of candidates), got {k}")
+    _check_finite("queries", queries)
+    _check_finite("candidates", candidates)
     cand_sq = candidates.pow(2).sum(-1)
     dists, idxs = [], []
     starts = range(0, queries.shape[0], chunk_size)
@@ -56,6 +80,7 @@ def nearest_neighbors(
     for s in starts:
         q = queries[s : s + chunk_size]
         d = q.pow(2).sum(-1, keepdim=True) - 2.0 * (q @ candidates.T) + cand_sq
+        _check_no_overflow(d, q, candidates)
         top = torch.topk(d, k, dim=1, largest=False, sorted=True)
         dists.append(top.values.clamp_min_(0.0).sqrt_())
         idxs.append(top.indices)
@@ -74,6 +99,7 @@ def knn_vote(
     distance 0 takes the vote alone), as scikit-learn's ``KNeighborsClassifier``. Ties go to the
     smallest label.
     """
+    _check_finite("neighbor_dists", neighbor_dists)
     if weighting == "uniform":
         w = torch.ones_like(neighbor_dists)
     elif weighting == "distance":

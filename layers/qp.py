@@ -262,9 +262,9 @@ class OptNetQP(nn.Module):
         duals: bool = False,
     ):
         super().__init__()
-        for name, v in (("n", n), ("m", m + 1), ("p", p + 1)):
-            if int(v) != v or v <= 0:
-                raise ValueError(f"{name} must be a positive integer (m, p may be 0), got {v}")
+        for name, v, low in (("n", n, 1), ("m", m, 0), ("p", p, 0)):
+            if isinstance(v, bool) or int(v) != v or v < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
         check_positive("eps", eps)
         unknown = [k for k in inputs if k not in _INPUTS]
         if unknown or len(set(inputs)) != len(inputs):

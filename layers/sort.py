@@ -55,6 +55,7 @@ from layers._sort_common import (
     hard_topk,
     straight_through,
     temperature,
+    upcast_half,
 )
 from layers.sort_lp import (
     DEFAULT_LP_BACKEND,
@@ -182,11 +183,11 @@ def _neural_sort_rows(scores: torch.Tensor, tau: float, rows: int, hard: bool) -
     """The first ``rows`` rows of NeuralSort's ``P_hat``: ``(..., rows, n)``."""
     n = scores.shape[-1]
     # Shifting every score by the same amount changes neither A_s nor the softmax; centring keeps
-    # the logits small in float32.
-    s = centred(scores)
+    # the logits small in float32. Half precision is computed in float32 and returned in its own.
+    s = centred(upcast_half(scores))
     b, order = _abs_diff_rowsum(s)
-    r = _rank_weights(n, scores.dtype, scores.device)[:rows]
-    return _NeuralSortFn.apply(s, b, r, order[..., :rows], tau, hard)
+    r = _rank_weights(n, s.dtype, s.device)[:rows]
+    return _NeuralSortFn.apply(s, b, r, order[..., :rows], tau, hard).to(scores.dtype)
 
 
 def neural_sort(scores: torch.Tensor, tau: float = 1.0, hard: bool = False) -> torch.Tensor:
@@ -287,8 +288,9 @@ def sinkhorn_sort(
     n = check_scores(scores)
     t = temperature("tau", tau)
     _check_int("n_iters", n_iters)
-    r = _rank_weights(n, scores.dtype, scores.device)
-    s = centred(scores)
+    x = upcast_half(scores)  # half precision computed in float32, returned in its own dtype
+    r = _rank_weights(n, x.dtype, x.device)
+    s = centred(x)
     logits = (r[:, None] * s[..., None, :] - _abs_diff_rowsum(s)[0][..., None, :]) / t
     K = (logits - logits.detach().amax(-1, keepdim=True)).exp()  # the shift's gradient is 0
     del logits
@@ -299,7 +301,7 @@ def sinkhorn_sort(
         v = 1.0 / (u.unsqueeze(-2) @ K).squeeze(-2).clamp_min(tiny)
     u = 1.0 / (K @ v.unsqueeze(-1)).squeeze(-1).clamp_min(tiny)
     P = u.unsqueeze(-1) * K * v.unsqueeze(-2)
-    return straight_through(hard_permutation(scores), P) if hard else P
+    return (straight_through(hard_permutation(x), P) if hard else P).to(scores.dtype)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from layers._sort_common import (
     hard_permutation,
     hard_topk,
     straight_through,
+    upcast_half,
 )
 from layers.backends import BACKENDS, check_settings, get_backend
 from layers.cvxpy_layer import CvxpyProblemLayer
@@ -70,11 +71,6 @@ def check_lp_backend(backend: str) -> None:
             f"unknown backend {backend!r}; choose one of {', '.join(LP_SORT_BACKENDS)}"
         )
     get_backend(backend)
-
-
-def _working(x: torch.Tensor) -> torch.Tensor:
-    """Half-precision inputs are solved in float32 (their range overflows in the solvers)."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,7 +280,7 @@ def soft_sort(
     n = check_scores(values, "values")
     eps = check_strength(regularization_strength)
     check_lp_backend(backend)
-    x = _working(values)
+    x = upcast_half(values)
     sign = 1.0 if descending else -1.0
     rho = torch.arange(n, 0, -1, dtype=x.dtype, device=x.device) / eps
     out = sign * _project_permutahedron(rho.expand_as(x), sign * x, backend, z_sorted=True)
@@ -322,7 +318,7 @@ def soft_rank(
     n = check_scores(values, "values")
     eps = check_strength(regularization_strength)
     check_lp_backend(backend)
-    x = _working(values)
+    x = upcast_half(values)
     sign = -1.0 if descending else 1.0
     rho = torch.arange(n, 0, -1, dtype=x.dtype, device=x.device)
     out = _project_permutahedron(sign * x / eps, rho, backend, w_sorted=True)
@@ -360,7 +356,7 @@ def lp_topk(
     check_k(k, n)
     eps = check_strength(regularization_strength)
     check_lp_backend(backend)
-    x = _working(scores)
+    x = upcast_half(scores)
     if k == n:  # the feasible set is one point
         y = torch.ones_like(x) + 0 * x
     elif backend == "native":
@@ -411,7 +407,7 @@ def lp_permutahedron_sort(
     n = check_scores(scores)
     eps = check_strength(regularization_strength)
     check_lp_backend(backend)
-    x = _working(scores)
+    x = upcast_half(scores)
     P = _nested_topk_matrix(x, eps, backend) if n > 1 else x[..., None] * 0 + 1
     P = straight_through(hard_permutation(x), P) if hard else P
     return P.to(scores.dtype)
@@ -441,7 +437,7 @@ def lp_birkhoff_sort(
     n = check_scores(scores)
     eps = check_strength(regularization_strength)
     check_lp_backend(backend)
-    x = _working(scores)
+    x = upcast_half(scores)
     t = centred(x) / eps
     if n == 1:
         P = x[..., None] * 0 + 1
@@ -471,7 +467,7 @@ def lp_permutahedron_topk(
     check_k(k, n)
     eps = check_strength(regularization_strength)
     check_lp_backend(backend)
-    x = _working(scores)
+    x = upcast_half(scores)
     if k == n:
         y = torch.ones_like(x) + 0 * x
     else:

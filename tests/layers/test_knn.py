@@ -56,3 +56,25 @@ def test_errors():
         nearest_neighbors(torch.randn(2, 3), torch.randn(4, 2), 1)
     with pytest.raises(ValueError, match="weighting"):
         knn_vote(torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1), 2, "gaussian")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_inputs_are_refused(bad: float) -> None:
+    x, y = torch.randn(4, 3), torch.randn(5, 3)
+    x[1, 2] = bad
+    for call in (
+        lambda: pairwise_sq_dists(x, y),
+        lambda: nearest_neighbors(x, y, 2),
+        lambda: knn_vote(torch.zeros(1, 2, dtype=torch.long), torch.tensor([[bad, 1.0]]), 2),
+    ):
+        with pytest.raises(ValueError, match="NaN/Inf"):
+            call()
+
+
+def test_overflowing_distances_say_so() -> None:
+    """Finite inputs near 1e20 overflow float32 inside the distance, not in the input."""
+    x, y = torch.randn(4, 3) * 1e20, torch.randn(5, 3) * 1e20
+    for call in (lambda: pairwise_sq_dists(x, y), lambda: nearest_neighbors(x, y, 2)):
+        with pytest.raises(ValueError, match="overflow"):
+            call()
+    assert torch.isfinite(pairwise_sq_dists(x.double(), y.double())).all()  # float64 is enough

@@ -334,3 +334,7 @@ def test_optnet_module_inputs_and_errors():
         OptNetQP(4, 0, inputs=("q", "h"))
     with pytest.raises(ValueError, match="eps"):
         OptNetQP(4, 3, eps=0.0)
+    with pytest.raises(ValueError, match=r"m must be an integer >= 0, got -1"):
+        OptNetQP(4, -1)
+    with pytest.raises(ValueError, match=r"n must be an integer >= 1, got 0"):
+        OptNetQP(0, 2)

@@ -346,3 +346,15 @@ def test_bad_shapes_and_types_raise() -> None:
         lp_topk(torch.randn(5), 2.0)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="k must be an int"):
         NeuralSort().topk(torch.randn(5), True)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_is_computed_in_float32(dtype: torch.dtype) -> None:
+    """Scores near 1e4 overflow half precision's logits: computed in float32, returned in half."""
+    x = torch.randn(3, 5) * 1e4
+    for fn in (neural_sort, sinkhorn_sort):
+        y = fn(x.to(dtype))
+        assert y.dtype == dtype and torch.isfinite(y).all()
+        assert torch.allclose(y.float(), fn(x.to(dtype).float()), atol=1e-2)
+    y = stochastic_neural_sort(x.to(dtype), num_samples=2)
+    assert y.dtype == dtype and torch.isfinite(y).all()
