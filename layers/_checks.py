@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["SolverError", "check_positive", "check_tensor", "format_indices"]
+__all__ = ["SolverError", "check_finite", "check_positive", "check_tensor", "format_indices"]
 
 
 def check_tensor(name: str, x: torch.Tensor, *, min_dim: int = 1) -> None:
@@ -20,8 +20,13 @@ def check_tensor(name: str, x: torch.Tensor, *, min_dim: int = 1) -> None:
         )
     if x.dim() < min_dim:
         raise ValueError(f"{name} must have at least {min_dim} dims, got shape {tuple(x.shape)}")
-    if not torch.isfinite(x).all():
-        bad = (~torch.isfinite(x)).sum().item()
+    check_finite(name, x)
+
+
+def check_finite(name: str, x: torch.Tensor) -> None:
+    """A floating ``x`` has no NaN/Inf entries (other dtypes pass)."""
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
         raise ValueError(f"{name} has {bad} NaN/Inf entries; clean the input before this layer")
 
 

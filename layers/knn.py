@@ -6,15 +6,10 @@ from typing import Any, Literal
 
 import torch
 
+from layers._checks import check_finite
 from layers.sort import SortRelaxation, get_sort
 
 __all__ = ["DKNN", "knn_vote", "nearest_neighbors", "pairwise_sq_dists"]
-
-
-def _check_finite(name: str, x: torch.Tensor) -> None:
-    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
-        bad = int((~torch.isfinite(x)).sum())
-        raise ValueError(f"{name} has {bad} NaN/Inf entries; clean the input before this layer")
 
 
 def _check_no_overflow(d: torch.Tensor, *inputs: torch.Tensor) -> None:
@@ -32,8 +27,8 @@ def pairwise_sq_dists(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
     Raises ``ValueError`` for NaN/Inf inputs and for finite inputs whose distances overflow.
     """
-    _check_finite("x", x)
-    _check_finite("y", y)
+    check_finite("x", x)
+    check_finite("y", y)
     d = x.pow(2).sum(-1, keepdim=True) - 2.0 * (x @ y.transpose(-1, -2)) + y.pow(2).sum(-1)
     _check_no_overflow(d, x, y)
     return d.clamp_min_(0.0) if not d.requires_grad else d.clamp_min(0.0)
@@ -68,8 +63,8 @@ def nearest_neighbors(
     n = candidates.shape[0]
     if not 1 <= k <= n:
         raise ValueError(f"k must be in 1..{n} (the number of candidates), got {k}")
-    _check_finite("queries", queries)
-    _check_finite("candidates", candidates)
+    check_finite("queries", queries)
+    check_finite("candidates", candidates)
     cand_sq = candidates.pow(2).sum(-1)
     dists, idxs = [], []
     starts = range(0, queries.shape[0], chunk_size)
@@ -99,7 +94,7 @@ def knn_vote(
     distance 0 takes the vote alone), as scikit-learn's ``KNeighborsClassifier``. Ties go to the
     smallest label.
     """
-    _check_finite("neighbor_dists", neighbor_dists)
+    check_finite("neighbor_dists", neighbor_dists)
     if weighting == "uniform":
         w = torch.ones_like(neighbor_dists)
     elif weighting == "distance":

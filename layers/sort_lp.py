@@ -470,6 +470,8 @@ def lp_permutahedron_topk(
     x = upcast_half(scores)
     if k == n:
         y = torch.ones_like(x) + 0 * x
+    elif backend == "native":  # the same projection as lp_topk's (and as this relaxation's rows)
+        y = topk_projection(centred(x) / eps, k)
     else:
         w = _topk_targets(n, torch.tensor([k], device=x.device), x)[0]
         y = _project_permutahedron(centred(x) / eps, w, backend)

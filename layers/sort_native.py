@@ -181,32 +181,34 @@ def _topk_thresholds(z: Tensor, ks: Tensor) -> Tensor:
 
     ``f(nu) = sum clip(z - nu, 0, 1)`` is piecewise linear with breakpoints ``z_i`` and
     ``z_i - 1``. With ``s`` sorted descending and prefix sums ``S``, at any ``nu`` the entries at
-    1 are the top ``c1 = #{s >= nu + 1}`` and the free ones the next up to ``cf = #{s > nu}``,
-    so ``f(nu) = c1 + S[cf] - S[c1] - (cf - c1) nu``. ``nu_k`` lies on the segment after the last
-    breakpoint with ``f >= k``, where ``nu = (S[cf] - S[c1] + c1 - k) / (cf - c1)`` exactly.
+    1 are the top ``c1 = #{s - 1 >= nu}`` and the free ones the next up to ``cf = #{s > nu}``,
+    so ``f(nu) = c1 + S[cf] - S[c1] - (cf - c1) nu``. ``f`` is evaluated at its two sorted
+    families of breakpoints, ``nu = s_i`` and ``nu = s_i - 1`` (no merge of the two); ``nu_k``
+    lies on the segment above the largest breakpoint with ``f >= k``, where
+    ``nu = (S[cf] - S[c1] + c1 - k) / (cf - c1)`` exactly. Counts compare ``nu`` with ``s - 1``
+    as stored, so a breakpoint ``s_i - 1`` matches itself exactly.
     """
     B, n = z.shape
     s = torch.sort(z, dim=-1, descending=True).values
     asc = s.flip(-1).contiguous()
+    asc1 = asc - 1
     S = torch.cat([s.new_zeros(B, 1), s.cumsum(-1)], -1)  # S[j] = sum of the top j
 
-    def counts(nu: Tensor) -> tuple[Tensor, Tensor]:
-        c1 = n - torch.searchsorted(asc, (nu + 1).contiguous(), right=False)
-        cf = n - torch.searchsorted(asc, nu.contiguous(), right=True)
-        return c1, cf
+    def f(nu: Tensor) -> Tensor:
+        c1 = n - torch.searchsorted(asc1, nu, right=False)  # at 1: s - 1 >= nu
+        cf = n - torch.searchsorted(asc, nu, right=True)  # at 1 or free: s > nu
+        return c1 + S.gather(-1, cf) - S.gather(-1, c1) - (cf - c1) * nu
 
-    bp = torch.sort(torch.cat([s, s - 1], -1), dim=-1).values  # ascending, (B, 2n)
-    c1, cf = counts(bp)
-    f = c1 + S.gather(-1, cf) - S.gather(-1, c1) - (cf - c1) * bp
-    f = f.flip(-1).cummax(-1).values.flip(-1)  # non-increasing along bp, despite rounding
     k = ks.to(dtype=F64, device=z.device).expand(B, -1).contiguous()
-    # j = the last breakpoint with f >= k (f(bp_0) = n > k, f(bp_last) = 0 < k)
-    j = torch.searchsorted((-f).contiguous(), (-k).contiguous(), right=True) - 1
-    j = j.clamp(0, 2 * n - 2)
-    lo, hi = bp.gather(-1, j), bp.gather(-1, j + 1)
-    c1, cf = counts(0.5 * (lo + hi))
+    lo = torch.full_like(k, -torch.inf)
+    for bp in (s, s - 1):  # each family is sorted descending, f(bp) non-decreasing along it
+        fb = f(bp).cummax(-1).values  # monotone despite rounding
+        i = torch.searchsorted(fb, k, right=False)  # first index with f >= k
+        lo = torch.where(i < n, torch.maximum(lo, bp.gather(-1, i.clamp(max=n - 1))), lo)
+    c1 = n - torch.searchsorted(asc1, lo, right=True)  # on the segment just above lo
+    cf = n - torch.searchsorted(asc, lo, right=True)
     nu = (S.gather(-1, cf) - S.gather(-1, c1) + c1 - k) / (cf - c1).clamp_min(1)
-    return torch.where(cf > c1, nu.clamp(lo, hi), lo)
+    return torch.where(cf > c1, nu.clamp_min(lo), lo)
 
 
 def _chunks(B: int, n: int, budget: int = 1 << 24) -> list[slice]:
@@ -215,43 +217,13 @@ def _chunks(B: int, n: int, budget: int = 1 << 24) -> list[slice]:
     return [slice(i, min(B, i + step)) for i in range(0, B, step)]
 
 
-def _topk_threshold(z: Tensor, k: int) -> Tensor:
-    """``nu (B, 1)`` with ``sum_i clip(z_i - nu, 0, 1) = k`` for one ``0 < k < n`` (float64).
-
-    The same piecewise-linear ``f`` as :func:`_topk_thresholds`, evaluated only at its two sorted
-    families of breakpoints, ``nu = s_i`` and ``nu = s_i - 1`` (no merge of the two): the
-    largest breakpoint with ``f >= k`` starts the segment that holds ``nu``.
-    """
-    B, n = z.shape
-    s = torch.sort(z, dim=-1, descending=True).values
-    asc = s.flip(-1).contiguous()
-    asc1 = asc - 1  # compared with nu directly: nu = s_i - 1 is then exactly a breakpoint
-    S = torch.cat([s.new_zeros(B, 1), s.cumsum(-1)], -1)
-
-    def f(nu: Tensor) -> Tensor:
-        c1 = n - torch.searchsorted(asc1, nu, right=False)  # at 1: s - 1 >= nu
-        cf = n - torch.searchsorted(asc, nu, right=True)  # at 1 or free: s > nu
-        return c1 + S.gather(-1, cf) - S.gather(-1, c1) - (cf - c1) * nu
-
-    kk = torch.full((B, 1), float(k), dtype=F64, device=z.device)
-    lo = torch.full((B, 1), -torch.inf, dtype=F64, device=z.device)
-    for bp in (s, s - 1):  # each family is sorted descending, f(bp) non-decreasing along it
-        fb = f(bp).cummax(-1).values  # monotone despite rounding
-        i = torch.searchsorted(fb, kk, right=False)  # first index with f >= k
-        lo = torch.where(i < n, torch.maximum(lo, bp.gather(-1, i.clamp(max=n - 1))), lo)
-    c1 = n - torch.searchsorted(asc1, lo, right=True)  # on the segment just above lo
-    cf = n - torch.searchsorted(asc, lo, right=True)
-    nu = (S.gather(-1, cf) - S.gather(-1, c1) + c1 - kk) / (cf - c1).clamp_min(1)
-    return torch.where(cf > c1, nu.clamp_min(lo), lo)
-
-
 class _TopK(torch.autograd.Function):
     """``y = clip(z - nu_k, 0, 1)``, the projection of ``z (B, n)`` onto the capped simplex."""
 
     @staticmethod
     def forward(ctx: Any, z: Tensor, k: int) -> Tensor:  # type: ignore[override]
         z64 = z.to(F64)
-        y = (z64 - _topk_threshold(z64, k)).clamp(0, 1)
+        y = (z64 - _topk_thresholds(z64, torch.tensor([k]))).clamp(0, 1)
         ctx.save_for_backward((y > 0) & (y < 1))
         return y.to(z.dtype)
 
