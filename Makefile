@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -qq -e '.[dev]'
 	# qpth 0.0.18 declares numpy<2 but works with numpy 2: the optional comparison peer.
 	$(PY) -m pip install -qq --no-deps qpth==0.0.18
+	# proxsuite's QPLayer, the other QP peer (binary wheel; cmeel is its loader).
+	$(PY) -m pip install -qq --no-deps proxsuite==0.8.0 cmeel==0.62.0
 	touch $(STAMP)
 
 # Optional peers of tasks/bench_sort.py --race: diffsort, and torchsort built for the CPU (no nvcc

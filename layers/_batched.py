@@ -14,9 +14,11 @@ from torch import Tensor
 
 __all__ = [
     "ONE_THREAD_SIZE",
+    "Cholesky",
     "add_diag",
     "amax",
     "chol_solve",
+    "chol_solve_cols",
     "dot",
     "max_step",
     "one_thread",
@@ -49,6 +51,62 @@ def chol_solve(L: Tensor, r: Tensor) -> Tensor:
     """``(L L')^{-1} r`` for ``L (B, k, k)`` lower triangular and a row ``r (B, k)``."""
     t = torch.linalg.solve_triangular(L, r.unsqueeze(-1), upper=False)
     return torch.linalg.solve_triangular(L.mT, t, upper=True).squeeze(-1)
+
+
+def chol_solve_cols(L: Tensor, r: Tensor) -> Tensor:
+    """``(L L')^{-1} r`` for ``L (B, k, k)`` lower triangular and columns ``r (B, k, c)``.
+
+    Two triangular solves: on CPU several times faster than ``torch.cholesky_solve``, which
+    copies ``L`` into column-major order on every call."""
+    t = torch.linalg.solve_triangular(L, r, upper=False)
+    return torch.linalg.solve_triangular(L.mT, t, upper=True)
+
+
+_BLOCK = 64  # matrices up to this size are factorized by one LAPACK call
+
+
+class Cholesky:
+    """Batched Cholesky factorization ``M = L L'`` of ``M (B, k, k)``, by 2 x 2 blocks above
+    ``_BLOCK`` rows, and solves with it.
+
+    On CPU, ``torch.linalg.cholesky_ex`` spends more time zeroing the upper triangle of its
+    column-major result than in LAPACK for k = 128; factorizing the two diagonal blocks
+    (recursively) and the Schur complement update with ``baddbmm`` halves the cost. ``info``
+    is ``(B,)``, nonzero where ``M`` is not (numerically) positive definite.
+    """
+
+    def __init__(self, M: Tensor):
+        k = M.shape[-1]
+        if k <= _BLOCK:
+            self.L, self.info = torch.linalg.cholesky_ex(M)
+            self.parts = None
+            return
+        h = k // 2
+        top = Cholesky(M[:, :h, :h])
+        L21 = top.solve_lower(M[:, h:, :h].mT).mT
+        bottom = Cholesky(torch.baddbmm(M[:, h:, h:], L21, L21.mT, alpha=-1))
+        self.parts = (h, top, L21, bottom)
+        self.info = top.info | bottom.info
+
+    def solve_lower(self, r: Tensor) -> Tensor:
+        """``L^{-1} r`` for columns ``r (B, k, c)``."""
+        if self.parts is None:
+            return torch.linalg.solve_triangular(self.L, r, upper=False)
+        h, top, L21, bottom = self.parts
+        y1 = top.solve_lower(r[:, :h])
+        return torch.cat([y1, bottom.solve_lower(r[:, h:] - torch.bmm(L21, y1))], 1)
+
+    def solve_upper(self, r: Tensor) -> Tensor:
+        """``L'^{-1} r`` for columns ``r (B, k, c)``."""
+        if self.parts is None:
+            return torch.linalg.solve_triangular(self.L.mT, r, upper=True)
+        h, top, L21, bottom = self.parts
+        x2 = bottom.solve_upper(r[:, h:])
+        return torch.cat([top.solve_upper(r[:, :h] - torch.bmm(L21.mT, x2)), x2], 1)
+
+    def solve(self, r: Tensor) -> Tensor:
+        """``M^{-1} r`` for columns ``r (B, k, c)``."""
+        return self.solve_upper(self.solve_lower(r))
 
 
 def max_step(v: Tensor, dv: Tensor, *, dim: int = -2, cap: float = 1e30) -> Tensor:

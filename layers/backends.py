@@ -8,6 +8,7 @@ Three kinds of backend:
   with an implicit KKT backward. Pure torch, any device, no loop over batch elements.
 * ``cvxpylayers``: cvxpylayers with diffcp (SCS, Clarabel, ECOS) or moreau.
 * ``qpth``: the OptNet authors' batched QP solver (optional peer, ``pip install --no-deps qpth``).
+* ``proxsuite``: proxsuite's QPLayer (optional peer, ``pip install --no-deps proxsuite cmeel``).
 
 Every backend serves :func:`layers.qp.qp`. :class:`layers.cvxpy_layer.CvxpyProblemLayer` (a CVXPY
 problem as a layer) serves the ``cvxpylayers`` backends directly; ``torch-ipm`` and ``qpth`` plug
@@ -31,6 +32,10 @@ diffcp-ecos      cvxpylayers  small SOCPs/LPs; like diffcp-clarabel.
 diffcp-scs       cvxpylayers  very large sparse conic problems where an interior point is too
                               costly; first-order, accurate only with the tight tolerances set
                               here.
+proxsuite        proxsuite    peer for comparison: proxsuite's QPLayer, one element at a time in
+                              C++ (proximal augmented Lagrangian); gradients for all inputs by
+                              a KKT solve to its ``eps_backward``. Optional
+                              (``pip install --no-deps proxsuite cmeel``).
 qpth             qpth         peer for comparison: dense batched QPs with Q positive definite;
                               gradients through x only (duals returned detached). It can return a
                               wrong solution without warning; the KKT check of layers.qp catches
@@ -77,7 +82,7 @@ class Backend:
     """A solver backend and the settings the library uses with it."""
 
     name: str
-    kind: str  # "torch", "cvxpylayers" or "qpth"
+    kind: str  # "torch", "cvxpylayers", "qpth" or "proxsuite"
     solver: str | None = None  # cvxpylayers' ``solver`` argument (None = diffcp)
     accurate: dict[str, Any] = field(default_factory=dict)  # the library's settings
     solver_defaults: dict[str, Any] = field(default_factory=dict)  # the solver's own
@@ -205,6 +210,20 @@ BACKENDS: dict[str, Backend] = {
             check_tol=1e-5,
         ),
         Backend(
+            "proxsuite",
+            "proxsuite",
+            accurate={
+                "eps": 1e-10,
+                "eps_backward": 1e-10,
+                "rho_backward": 1e-10,
+                "mu_backward": 1e-10,
+            },
+            solver_defaults={},
+            needs="proxsuite",
+            about="proxsuite's QPLayer (peer): proximal augmented Lagrangian in C++, one "
+            "element at a time, gradients by a KKT solve with its own tolerance",
+        ),
+        Backend(
             "qpth",
             "qpth",
             accurate={"eps": 1e-12, "maxIter": 50},
@@ -242,6 +261,7 @@ ARG_ALIASES: dict[str, dict[str, tuple[str, ...]]] = {
         "max_iter": ("max_iters",),
     },
     "moreau": {"max_iters": ("max_iter",)},
+    "proxsuite": {"tol": ("eps",), "max_iters": ("maxIter",), "max_iter": ("maxIter",)},
 }
 
 
@@ -253,8 +273,9 @@ def get_backend(name: str) -> Backend:
     try:
         importlib.import_module(b.needs)
     except ImportError as err:
-        hint = (
-            "pip install --no-deps qpth==0.0.18" if b.needs == "qpth" else f"pip install {b.needs}"
-        )
+        hint = {
+            "qpth": "pip install --no-deps qpth==0.0.18",
+            "proxsuite": "pip install --no-deps proxsuite cmeel",
+        }.get(b.needs, f"pip install {b.needs}")
         raise ImportError(f"backend {name!r} needs the package {b.needs!r}: {hint}") from err
     return b

@@ -151,11 +151,17 @@ def _diffcp_checks_clarabel(solver: str | None) -> Iterator[None]:
         dcp.solve_internal = inner
 
 
-_QP_BACKENDS = ("torch-ipm", "qpth", "moreau")  # take a parametrized quad_form objective
+_QP_BACKENDS = (
+    "torch-ipm",
+    "qpth",
+    "proxsuite",
+    "moreau",
+)  # take a parametrized quad_form objective
 _ALL_CONES = {"second-order", "exponential", "PSD", "power"}
 _TAKES = {  # the cones beyond zero/nonnegative each backend takes
     "torch-ipm": set(),
     "qpth": set(),
+    "proxsuite": set(),
     "moreau": {"second-order", "exponential", "PSD", "power"},
     "diffcp-clarabel": {"second-order", "exponential", "PSD"},
     "diffcp-scs": {"second-order", "exponential", "PSD"},  # diffcp 1.1 cannot differentiate
@@ -334,6 +340,8 @@ def _known_args(backend: str) -> set[str] | None:
         return {"tol", "max_iter", "verbose"}
     if backend == "qpth":
         return {"eps", "maxIter", "verbose", "notImprovedLim", "check_Q_spd", "solver"}
+    if backend == "proxsuite":
+        return {"eps", "maxIter", "eps_backward", "rho_backward", "mu_backward", "omp_parallel"}
     if backend == "diffcp-clarabel":
         import clarabel
 

@@ -16,6 +16,7 @@ This module knows nothing of backends: the layer (:mod:`layers.qp`) passes the s
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from layers._batched import add_diag, amax, dot, max_step, threads_for
+from layers._batched import Cholesky, add_diag, amax, dot, max_step, threads_for
 
 __all__ = [
     "INACCURATE",
@@ -118,21 +119,24 @@ class _KKT:
 
     def __init__(self, Q: Tensor, G: Tensor, A: Tensor, d: Tensor | None, reg: Tensor):
         m = G.shape[-2]
-        H = Q if d is None or m == 0 else torch.baddbmm(Q, G.mT, d * G)
-        self.H, self.A = H, A
-        self.n, self.p = H.shape[-1], A.shape[-2]
-        Hr = add_diag(H, reg)
+        if d is None or m == 0:
+            Hr = add_diag(Q, reg)
+        else:  # a fresh tensor: the regularization goes in place
+            Hr = torch.baddbmm(Q, G.mT, d * G)
+            Hr.diagonal(dim1=-2, dim2=-1).add_(reg.squeeze(-1))
+        self.Hr, self.reg, self.A = Hr, reg, A
+        self.n, self.p = Hr.shape[-1], A.shape[-2]
         self.lu: Tensor | None = None
         if self.p == 0 or self.n + self.p > _SMALL:
-            L, info = torch.linalg.cholesky_ex(Hr)
-            if not bool(info.any()):
-                self.L = L
+            chol = Cholesky(Hr)
+            if not bool(chol.info.any()):
+                self.chol = chol
                 if self.p == 0:
                     return
-                self.HiAt = torch.cholesky_solve(A.mT, L)  # (B, n, p)
-                Ls, info = torch.linalg.cholesky_ex(add_diag(torch.bmm(A, self.HiAt), reg))
-                if not bool(info.any()):
-                    self.Ls = Ls
+                self.HiAt = chol.solve(A.mT)  # (B, n, p)
+                schur = Cholesky(add_diag(torch.bmm(A, self.HiAt), reg))
+                if not bool(schur.info.any()):
+                    self.schur = schur
                     return
         reg_d = -reg.squeeze(-1).expand(-1, self.p)
         K = torch.cat([torch.cat([Hr, A.mT], -1), torch.cat([A, torch.diag_embed(reg_d)], -1)], -2)
@@ -142,18 +146,20 @@ class _KKT:
         if self.lu is not None:
             sol = torch.linalg.lu_solve(self.lu, self.piv, torch.cat([r1, r2], -2))
             return sol[:, : self.n], sol[:, self.n :]
-        Hir1 = torch.cholesky_solve(r1, self.L)
+        Hir1 = self.chol.solve(r1)
         if self.p == 0:
             return Hir1, r2
-        dnu = torch.cholesky_solve(torch.bmm(self.A, Hir1) - r2, self.Ls)
+        dnu = self.schur.solve(torch.bmm(self.A, Hir1) - r2)
         return Hir1 - torch.bmm(self.HiAt, dnu), dnu
 
     def solve(self, r1: Tensor, r2: Tensor, refine: int = 0) -> tuple[Tensor, Tensor]:
         """Solve ``H dx + A' dnu = r1, A dx = r2`` (columns) with ``refine`` refinement steps."""
         dx, dnu = self._raw(r1, r2)
         for _ in range(refine):
-            e1 = r1 - torch.bmm(self.H, dx) - torch.bmm(self.A.mT, dnu)
-            e2 = r2 - torch.bmm(self.A, dx)
+            e1 = r1 - torch.bmm(self.Hr, dx) + self.reg * dx  # residual of H = Hr - reg I
+            if self.p:
+                e1 = e1 - torch.bmm(self.A.mT, dnu)
+            e2 = r2 - torch.bmm(self.A, dx) if self.p else r2
             c1, c2 = self._raw(e1, e2)
             dx, dnu = dx + c1, dnu + c2
         return dx, dnu
@@ -562,7 +568,9 @@ def _interior_point(
     pb: _Scaled, tol: float, max_iter: int
 ) -> tuple[_Iterate, Tensor, int, _Residuals]:
     """The predictor-corrector loop. Converged elements are frozen while the rest continue; an
-    element whose merit stops improving is stopped at its best iterate."""
+    element whose merit stops improving is stopped at its best iterate. Once a quarter of the
+    working set has stopped, the loop continues on the running elements only (the last
+    iterations of a batch often concern a few elements)."""
     B = pb.q.shape[0]
     dev = pb.q.device
     pt = _initial_point(pb)
@@ -572,22 +580,74 @@ def _interior_point(
         torch.full((B, 1, 1), math.inf, dtype=pb.q.dtype, device=dev),
         torch.zeros((B, 1, 1), dtype=torch.long, device=dev),
     )
+    full = _Working(pb, pt, status, progress)  # the whole batch, updated when the set shrinks
+    work, idx = full, None
     it = 1
     for it in range(1, max_iter + 1):  # noqa: B007 (``it`` is reported after the loop)
-        res = _residuals(pb, pt)
-        running = status == RUNNING
+        res = _residuals(work.pb, work.pt)
+        running = work.status == RUNNING
         merit = res.merit
-        progress.update(pt, merit, running)
-        status = status.masked_fill(running & (merit <= tol), SOLVED)
-        status = status.masked_fill_((status == RUNNING) & (progress.stall >= _STALL), MAX_ITER)
-        running = status == RUNNING
+        work.progress.update(work.pt, merit, running)
+        work.status = work.status.masked_fill(running & (merit <= tol), SOLVED)
+        stalled = (work.status == RUNNING) & (work.progress.stall >= _STALL)
+        work.status = work.status.masked_fill_(stalled, MAX_ITER)
+        running = work.status == RUNNING
         n_running = int(running.sum())
         if n_running == 0:
             break
-        step, a = _predictor_corrector(pb, pt, res)
-        pt, status = _take_step(pt, step, a, status, running, n_running)
-    pt, status, res = _report_best(pb, pt, progress.best, status, tol)
+        if 4 * n_running <= 3 * running.shape[0]:  # shrink the working set
+            full.put(idx, work)
+            keep = torch.nonzero(running.flatten()).flatten()
+            idx = keep if idx is None else idx[keep]
+            work = full.take(idx)
+            res = _Residuals(*(v[keep] for v in _values(res)))
+            running = work.status == RUNNING
+        step, a = _predictor_corrector(work.pb, work.pt, res)
+        work.pt, work.status = _take_step(work.pt, step, a, work.status, running, n_running)
+    full.put(idx, work)
+    pt, status, res = _report_best(pb, full.pt, full.progress.best, full.status, tol)
     return pt, status, res, it
+
+
+def _values(obj: Any) -> list[Any]:
+    """A dataclass's field values (not copies, unlike ``dataclasses.astuple``)."""
+    return [getattr(obj, f.name) for f in dataclasses.fields(obj)]
+
+
+@dataclass
+class _Working:
+    """The solver's state on a set of batch elements: problem, iterate, status, progress."""
+
+    pb: _Scaled
+    pt: _Iterate
+    status: Tensor
+    progress: _Progress
+
+    def take(self, idx: Tensor) -> _Working:
+        """The state of elements ``idx`` (a copy)."""
+        pb = _Scaled(*(v[idx] for v in _values(self.pb)))
+        sel = [self.pt, self.progress.best]
+        pt, best = (_Iterate(*(v[idx] for v in p.fields())) for p in sel)
+        pr = _Progress(best, self.progress.best_merit[idx], self.progress.stall[idx])
+        return _Working(pb, pt, self.status[idx], pr)
+
+    def put(self, idx: Tensor | None, part: _Working) -> None:
+        """Write ``part`` (the state of elements ``idx``; None: all) into this state."""
+        if idx is None:
+            self.pt, self.status, self.progress = part.pt, part.status, part.progress
+            return
+
+        def put(full: _Iterate, sub: _Iterate) -> _Iterate:
+            return _Iterate(*(f.index_copy(0, idx, v) for f, v in zip(full.fields(), sub.fields())))
+
+        self.pt = put(self.pt, part.pt)
+        self.status = self.status.index_copy(0, idx, part.status)
+        pr = self.progress
+        self.progress = _Progress(
+            put(pr.best, part.progress.best),
+            pr.best_merit.index_copy(0, idx, part.progress.best_merit),
+            pr.stall.index_copy(0, idx, part.progress.stall),
+        )
 
 
 def _report_best(

@@ -31,7 +31,7 @@ from layers.qp_ipm import (
 )
 from layers.qp_problem import QPProblem
 
-__all__ = ["CvxpyRunner", "run_ipm", "run_qpth", "solve_checked"]
+__all__ = ["CvxpyRunner", "run_ipm", "run_proxsuite", "run_qpth", "solve_checked"]
 
 # ``(problem, backend, settings, solver_args) -> (x, lam, nu)`` for the cvxpylayers backends.
 CvxpyRunner = Callable[[QPProblem, str, str, dict[str, Any]], tuple[Tensor, Tensor, Tensor]]
@@ -82,6 +82,64 @@ def run_qpth(prob: QPProblem, settings: str, args: dict[str, Any]) -> tuple[Tens
     return x, lam, nu
 
 
+class _Float64Backward(torch.autograd.Function):
+    """Identity on a peer's outputs whose backward runs the peer's backward with float64 as the
+    default dtype (proxsuite's QPLayer allocates its gradients in the default dtype, float32)."""
+
+    @staticmethod
+    def forward(ctx, inputs, outputs, *tensors):  # type: ignore[override]
+        ctx.inputs, ctx.outputs = inputs, outputs
+        return tuple(t.detach().clone() for t in outputs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):  # type: ignore[override]
+        old = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)
+        try:
+            with torch.enable_grad():
+                got = torch.autograd.grad(
+                    ctx.outputs, ctx.inputs, grads, allow_unused=True, retain_graph=True
+                )
+        finally:
+            torch.set_default_dtype(old)
+        return (None, None, *got)
+
+
+def run_proxsuite(
+    prob: QPProblem, settings: str, args: dict[str, Any]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The ``proxsuite`` backend: proxsuite's QPLayer (``proxsuite.torch.qplayer.QPFunction``,
+    a proximal augmented Lagrangian solver in C++, one element at a time) on ``Gx <= h`` written
+    as ``-1e20 <= Gx <= h``. Gradients for all inputs through ``x``; the duals come back detached
+    (QPLayer's gradients through its inequality duals disagree with finite differences, e.g. for
+    inactive constraints, whose duals stay 0 under small changes)."""
+    from proxsuite.torch.qplayer import QPFunction
+
+    B, n, m, p = prob.sizes
+    G, h = prob.G, prob.h
+    if m == 0:  # proxsuite needs a constraint: 0'x <= 1 is inactive
+        G, h = prob.q.new_zeros(B, 1, n), prob.q.new_ones(B, 1)
+    lower = torch.full_like(h, -1e20)
+    A, b = (prob.A, prob.b) if p else (prob.q.new_zeros(0), prob.q.new_zeros(0))
+    opts = {**get_backend("proxsuite").solver_args(settings, True), **args}
+    fn = QPFunction(**opts)
+    data = [0.5 * (prob.Q + prob.Q.mT), prob.q, A, b, G, lower, h]
+    needs = torch.is_grad_enabled() and any(t.requires_grad for t in data)
+    leaves = [t.detach().requires_grad_(t.requires_grad) for t in data]
+    try:
+        with torch.enable_grad(), one_thread():
+            x, nu, lam = fn(*leaves)
+    except (RuntimeError, ValueError, AssertionError) as err:
+        raise SolverError(f"backend 'proxsuite' failed: {err}") from err
+    lam, nu = lam.detach()[:, :m], nu.detach()
+    if not needs or not x.requires_grad:
+        return x.detach(), lam, nu
+    used = [(t, leaf) for t, leaf in zip(data, leaves) if leaf.requires_grad]
+    (x,) = _Float64Backward.apply([leaf for _, leaf in used], [x], *[t for t, _ in used])
+    return x, lam, nu
+
+
 def solve_checked(
     prob: QPProblem,
     backend: str,
@@ -102,6 +160,8 @@ def solve_checked(
             x, lam, nu, sol = run_ipm(prob, settings, solver_args)
         elif be.kind == "qpth":
             x, lam, nu = run_qpth(prob, settings, solver_args)
+        elif be.kind == "proxsuite":
+            x, lam, nu = run_proxsuite(prob, settings, solver_args)
         elif run_cvxpy is None:
             raise ValueError(f"backend {backend!r} needs a CVXPY runner here")
         else:

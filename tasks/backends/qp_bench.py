@@ -40,7 +40,8 @@ QUICK_SIZES: dict[str, tuple[int, int, int, int, float]] = {
 DEFAULT_SIZES = ("small", "dense", "sparse")
 # the peers that are a bare ``CvxpyLayer`` (no library code): method -> its ``solver`` argument
 RAW_CVXPYLAYERS = {"cvxpylayers-default": None, "moreau-default": "MOREAU"}
-PEERS = ("cvxpylayers-default", "qpth-default")  # the peers: the time target is theirs
+# the peers, used as their documentation shows: the time targets are theirs
+PEERS = ("cvxpylayers-default", "qpth-default", "proxsuite-default")
 # moreau with its own settings is one of the layer's backends used untuned, not a peer; it is
 # measured beside them so its (fast, active-set) defaults are visible
 OTHERS = ("moreau-default",)
@@ -90,6 +91,16 @@ def make_method(name: str, n: int, m: int, p: int) -> Callable[..., torch.Tensor
                 return QPFunction()(Q, q, G, h, A, b)
 
         return run_qpth
+    if name == "proxsuite-default":
+        from proxsuite.torch.qplayer import QPFunction as ProxQPFunction
+
+        def run_proxsuite(Q, q, G, h, A, b):
+            if A is None:
+                A = b = torch.Tensor().to(q)
+            with one_thread():
+                return ProxQPFunction()(Q, q, A, b, G, torch.full_like(h, -1e20), h)[0]
+
+        return run_proxsuite
     if name in RAW_CVXPYLAYERS:
         import cvxpy as cp
         from cvxpylayers.torch import CvxpyLayer
@@ -128,6 +139,7 @@ def available(name: str, n: int = 0, max_diffcp_n: int = 1 << 30) -> str | None:
         return f"n={n} > --max-diffcp-n {max_diffcp_n} (canonicalization needs ~{gib:.0f} GiB)"
     need = {
         "qpth-default": "qpth",
+        "proxsuite-default": "proxsuite",
         "cvxpylayers-default": "cvxpylayers",
         "moreau-default": "moreau",
     }.get(name)

@@ -19,15 +19,29 @@ from layers import BACKENDS, OptNetQP, SolverError, kkt_residuals, qp
 from tasks.backends.reference import random_qp, reference
 
 HAS_QPTH = importlib.util.find_spec("qpth") is not None
+HAS_PROXSUITE = importlib.util.find_spec("proxsuite") is not None
 HAS_MOREAU = importlib.util.find_spec("moreau") is not None
 needs_qpth = pytest.mark.skipif(not HAS_QPTH, reason="qpth not installed (optional peer)")
+needs_proxsuite = pytest.mark.skipif(
+    not HAS_PROXSUITE, reason="proxsuite not installed (optional peer)"
+)
+PEER_MARKS = {"qpth": needs_qpth, "proxsuite": needs_proxsuite}
+# the peers return their duals detached (qpth's carry no gradient; proxsuite's QPLayer's
+# gradients through its duals disagree with finite differences)
+DETACHED_DUALS = {"qpth", "proxsuite"}
 
 ALL = [
-    pytest.param(b, marks=needs_qpth) if b == "qpth" else b
+    pytest.param(b, marks=PEER_MARKS[b]) if b in PEER_MARKS else b
     for b in BACKENDS
     if b != "moreau" or HAS_MOREAU
 ]
-NAMES = [b for b in BACKENDS if (b != "qpth" or HAS_QPTH) and (b != "moreau" or HAS_MOREAU)]
+NAMES = [
+    b
+    for b in BACKENDS
+    if (b != "qpth" or HAS_QPTH)
+    and (b != "proxsuite" or HAS_PROXSUITE)
+    and (b != "moreau" or HAS_MOREAU)
+]
 
 
 def problem(B=3, n=5, m=4, p=2, seed=0):
@@ -124,6 +138,7 @@ def test_inequality_only_and_lp_with_equalities():
 _GRADCHECK = {
     "torch-ipm": (1e-6, 1e-6, 1e-4),
     "qpth": (1e-6, 1e-5, 1e-3),
+    "proxsuite": (1e-6, 1e-5, 1e-3),
     "moreau": (1e-5, 1e-4, 1e-2),
     "diffcp-clarabel": (1e-3, 2e-3, 1e-2),
     "diffcp-scs": (1e-3, 2e-3, 1e-2),
@@ -136,7 +151,7 @@ def test_gradcheck(backend):
     Q, q, G, h, A, b = problem(B=2, n=3, m=2, p=1, seed=3)
     inputs = [Q[0], q, G[0], h, A[0], b]  # shared Q, G, A; batched q, h, b
     inputs = [t.clone().requires_grad_() for t in inputs]
-    duals = backend != "qpth"  # qpth's duals carry no gradient
+    duals = backend not in DETACHED_DUALS
 
     def f(*a):
         out = qp(*a, backend=backend, duals=duals)
@@ -159,11 +174,12 @@ def solutions():
     for be in NAMES:
         ps = [t.clone().requires_grad_() for t in data]
         x, lam, nu = qp(*ps, backend=be, duals=True)
-        loss = (x * gx).sum() + ((lam * gl).sum() + (nu * gn).sum() if be != "qpth" else 0)
+        duals = be not in DETACHED_DUALS
+        loss = (x * gx).sum() + ((lam * gl).sum() + (nu * gn).sum() if duals else 0)
         loss.backward()
         res = {"x": x.detach(), "lam": lam.detach(), "nu": nu.detach()}
         res.update({k: t.grad for k, t in zip("Q q G h A b".split(), ps)})
-        if be != "qpth":  # gradients of the x-part alone, to compare with qpth
+        if duals:  # gradients of the x-part alone, to compare with qpth and proxsuite
             ps = [t.clone().requires_grad_() for t in data]
             (qp(*ps, backend=be) * gx).sum().backward()
         res["x_only"] = [t.grad for t in ps]
@@ -179,7 +195,7 @@ def test_backends_agree(solutions, pair):
         assert rel(a[k], b[k]) < 1e-5, k
     for ga, gb, k in zip(a["x_only"], b["x_only"], "Q q G h A b".split()):
         assert rel(ga, gb) < 1e-5, k
-    if "qpth" not in pair:  # gradients through the duals too
+    if not DETACHED_DUALS & set(pair):  # gradients through the duals too
         for k in "Q q G h A b".split():
             assert rel(a[k], b[k]) < 1e-5, k
 
