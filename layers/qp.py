@@ -16,6 +16,7 @@ the cvxpylayers backends the QP is stated in CVXPY below (:func:`_qp_layer`), bu
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,13 +26,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from layers._checks import check_positive
+from layers._checks import SolverError, check_positive
 from layers.backends import check_settings, get_backend
 from layers.cvxpy_layer import CvxpyProblemLayer
+from layers.qp_ipm import INFEASIBLE, solve_qp
 from layers.qp_problem import QPProblem, prepare_qp
 from layers.qp_solve import solve_checked
 
-__all__ = ["OptNetQP", "qp"]
+__all__ = ["CLOSEST_WEIGHT", "INFEASIBLE_POLICIES", "OptNetQP", "QPLayerInfo", "qp"]
+
+INFEASIBLE_POLICIES = ("raise", "closest")
+CLOSEST_WEIGHT = 1e6  # rho, the weight of the squared constraint violations in "closest"
 
 # ----------------------------------------------------------------------------------------------
 # The CVXPY statement of the QP (cvxpylayers backends)
@@ -149,6 +154,113 @@ def _run_cvxpylayers(
 
 
 # ----------------------------------------------------------------------------------------------
+# Infeasible elements: the closest feasible problem
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class QPLayerInfo:
+    """What :func:`qp` did per batch element: ``relaxed (B,)`` is True where the constraints
+    were infeasible and the element was solved as its closest feasible problem
+    (``infeasible="closest"``)."""
+
+    relaxed: Tensor
+
+
+def _take(prob: QPProblem, idx: Tensor) -> QPProblem:
+    """The batch elements ``idx`` of ``prob``."""
+    return dataclasses.replace(
+        prob, **{k: getattr(prob, k)[idx] for k in ("Q", "q", "G", "h", "A", "b")}
+    )
+
+
+def _elastic_scales(prob: QPProblem) -> tuple[Tensor, Tensor]:
+    """The row norms of ``G`` ``(B, m)`` and ``A`` ``(B, p)`` for :func:`_relaxed` (zero rows
+    count as 1): a scaled violation is the distance to the row's hyperplane."""
+
+    def norms(M: Tensor) -> Tensor:
+        r = M.norm(dim=-1)
+        return torch.where(r > 0, r, torch.ones_like(r))
+
+    return norms(prob.G), norms(prob.A)
+
+
+def _relaxed(prob: QPProblem, weight: float) -> QPProblem:
+    """The elastic form of ``prob`` (see :func:`qp`, ``infeasible="closest"``), always feasible:
+
+        min 1/2 x'Qx + q'x + 1/2 |t|^2 + 1/2 |u|^2   s.t.   Ĝx - t/sqrt(rho) <= ĥ,
+                                                            Âx - u/sqrt(rho) = b̂
+
+    over ``(x, t, u)``: the violations ``s = t/sqrt(rho)`` and ``Âx - b̂ = u/sqrt(rho)`` cost
+    ``rho/2`` times their squares, and the objective stays as well scaled as ``Q`` (a
+    ``rho |s|^2`` term would not be). ``Ĝ, ĥ, Â, b̂``: ``G, h, A, b`` with the rows of ``G``
+    and ``A`` scaled to unit norm; ``rho = weight``. Built from the inputs with differentiable
+    operations, so its solution carries their gradients; its duals are those of the rows of
+    ``Ĝ`` and ``Â``.
+    """
+    B, n, m, p = prob.sizes
+    gs, as_ = _elastic_scales(prob)
+    c = weight**-0.5
+    k = n + m + p
+    Q = prob.Q.new_zeros(B, k, k)
+    Q[:, :n, :n] = 0.5 * (prob.Q + prob.Q.mT)
+    Q.diagonal(dim1=-2, dim2=-1)[:, n:] = 1.0
+    eye_m = torch.eye(m, dtype=Q.dtype, device=Q.device).expand(B, m, m)
+    eye_p = torch.eye(p, dtype=Q.dtype, device=Q.device).expand(B, p, p)
+    G = torch.cat([prob.G / gs.unsqueeze(-1), -c * eye_m, prob.G.new_zeros(B, m, p)], -1)
+    A = torch.cat([prob.A / as_.unsqueeze(-1), prob.A.new_zeros(B, p, m), -c * eye_p], -1)
+    return dataclasses.replace(
+        prob,
+        Q=Q,
+        q=torch.cat([prob.q, prob.q.new_zeros(B, m + p)], -1),
+        G=G,
+        h=prob.h / gs,
+        A=A,
+        b=prob.b / as_,
+    )
+
+
+def _solve_relaxed(prob: QPProblem, solve: Any, weight: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``(x, lam, nu)`` of the elastic form of ``prob`` (see :func:`_relaxed`), the duals
+    scaled back to the rows of ``G`` and ``A`` (``Qx + q + G'lam + A'nu = 0``)."""
+    n = prob.sizes[1]
+    z, lam, nu = solve(_relaxed(prob, weight))
+    gs, as_ = _elastic_scales(prob)
+    return z[:, :n], lam / gs, nu / as_
+
+
+def _solve_or_relax(
+    prob: QPProblem, solve: Any, weight: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Solve ``prob``; where that fails because an element's constraints are infeasible, solve
+    those elements' closest feasible problems instead. Returns ``(x, lam, nu, relaxed)``."""
+    B = prob.sizes[0]
+    none = torch.zeros(B, dtype=torch.bool, device=prob.q.device)
+    try:
+        return (*solve(prob), none)
+    except SolverError as err:
+        failed = sorted(set(err.failed))
+        if not failed:
+            raise
+        idx = torch.tensor(failed, device=prob.q.device)
+        sub = _take(prob, idx)
+        status = solve_qp(sub.Q, sub.q, sub.G, sub.h, sub.A, sub.b).info.status
+        if not bool((status == INFEASIBLE).all()):
+            raise
+    relaxed = none.clone()
+    relaxed[idx] = True
+    keep = torch.nonzero(~relaxed).flatten()
+    parts = [_solve_relaxed(sub, solve, weight)]
+    order = [idx]
+    if keep.numel():
+        parts.insert(0, solve(_take(prob, keep)))
+        order.insert(0, keep)
+    inverse = torch.argsort(torch.cat(order))
+    x, lam, nu = (torch.cat([pt[i] for pt in parts])[inverse] for i in range(3))
+    return x, lam, nu, relaxed
+
+
+# ----------------------------------------------------------------------------------------------
 # The layer
 # ----------------------------------------------------------------------------------------------
 
@@ -168,7 +280,10 @@ def qp(
     check: bool = True,
     check_tol: float | None = None,
     check_psd: bool = True,
-) -> Tensor | tuple[Tensor, Tensor, Tensor]:
+    infeasible: str = "raise",
+    closest_weight: float = CLOSEST_WEIGHT,
+    info: bool = False,
+) -> Any:
     """Solve ``min 1/2 x'Qx + q'x s.t. Gx <= h, Ax = b`` and differentiate through the solution.
 
     Args:
@@ -190,33 +305,71 @@ def qp(
             1e-5 for the diffcp backends, whose conic form of the quadratic objective limits
             their accuracy, and for qpth).
         check_psd: check that Q is PSD (a Cholesky of ``Q + 1e-8 |Q| I``).
+        infeasible: ``"raise"`` (default): an element whose constraints admit no ``x`` raises
+            :class:`~layers.SolverError`. ``"closest"``: such an element is solved as its
+            closest feasible problem, the elastic QP
+
+                min 1/2 x'Qx + q'x + rho/2 (|s|^2 + |Âx - b̂|^2)  s.t.  Ĝx - s <= ĥ
+
+            over ``x`` and the violations ``s``, where ``Ĝ, ĥ, Â, b̂`` are ``G, h, A, b`` with
+            each row of ``G`` and ``A`` scaled to unit norm (so a violation is a distance to
+            the row's hyperplane) and ``rho = closest_weight``. As rho grows its solution tends
+            to the closest feasible QP's (minimize the objective over the points of least
+            squared violation; proxsuite's QPLayer defines it so with unscaled rows). Its
+            gradient is the exact gradient of this problem; ``lam`` and ``nu`` are the duals of its relaxed
+            inequalities and equalities (so ``nu = rho (Âx - b̂)`` on ``A``'s rows). Feasible
+            elements of the same batch are solved exactly as with "raise". Unbounded or failed
+            elements still raise.
+        closest_weight: ``rho``, the weight of the squared violations (default 1e6). The
+            gradient of a relaxed element grows with it in the directions that change the
+            violation; a smaller weight gives smoother gradients and a less exact projection.
+        info: also return a :class:`QPLayerInfo` (``relaxed (B,)``: the elements solved as
+            their closest feasible problem).
 
     Returns:
         ``x`` of shape ``(B, n)`` (``(n,)`` if every input is unbatched), in ``q``'s dtype and
         device; with ``duals=True``, ``(x, lam, nu)`` with ``lam (B, m)``, ``nu (B, p)`` (the
-        KKT convention ``Qx + q + G'lam + A'nu = 0``, ``lam >= 0``).
+        KKT convention ``Qx + q + G'lam + A'nu = 0``, ``lam >= 0``); with ``info=True`` the
+        :class:`QPLayerInfo` comes last.
 
     Raises:
-        SolverError: naming the batch elements that are infeasible, unbounded, or whose solution
-            fails the KKT check.
+        SolverError: naming the batch elements that are infeasible (with the default
+            ``infeasible="raise"``), unbounded, or whose solution fails the KKT check.
         ValueError, TypeError: bad shapes, NaN/Inf, Q not PSD, unknown backend or settings.
         ImportError: the backend's package is not installed.
     """
     check_settings(settings)
+    if infeasible not in INFEASIBLE_POLICIES:
+        raise ValueError(
+            f"infeasible must be one of {INFEASIBLE_POLICIES}, got {infeasible!r}: 'raise' "
+            "raises SolverError, 'closest' solves the closest feasible problem"
+        )
     prob = prepare_qp(Q, q, G, h, A, b, check_psd, torch.float64)
-    x, lam, nu = solve_checked(
-        prob,
-        backend,
-        settings=settings,
-        solver_args=dict(solver_args or {}),
-        check=check,
-        check_tol=check_tol,
-        run_cvxpy=_run_cvxpylayers,
-    )
-    outs = [t.to(dtype=prob.dtype, device=prob.device) for t in (x, lam, nu)]
+
+    def solve(pr: QPProblem) -> tuple[Tensor, Tensor, Tensor]:
+        return solve_checked(
+            pr,
+            backend,
+            settings=settings,
+            solver_args=dict(solver_args or {}),
+            check=check,
+            check_tol=check_tol,
+            run_cvxpy=_run_cvxpylayers,
+        )
+
+    if infeasible == "closest":
+        check_positive("closest_weight", closest_weight)
+        x, lam, nu, relaxed = _solve_or_relax(prob, solve, float(closest_weight))
+    else:
+        (x, lam, nu), relaxed = solve(prob), torch.zeros(prob.sizes[0], dtype=torch.bool)
+    outs: list[Any] = [t.to(dtype=prob.dtype, device=prob.device) for t in (x, lam, nu)]
     if prob.unbatched:
         outs = [t.squeeze(0) for t in outs]
-    return (outs[0], outs[1], outs[2]) if duals else outs[0]
+        relaxed = relaxed.squeeze(0)
+    outs = outs if duals else outs[:1]
+    if info:
+        outs.append(QPLayerInfo(relaxed=relaxed.to(prob.device)))
+    return tuple(outs) if len(outs) > 1 else outs[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -240,7 +393,10 @@ class OptNetQP(nn.Module):
         p: number of equalities (0 for none; ``p < n`` keeps ``A`` generically full rank).
         inputs: which of ``"q", "G", "h", "A", "b"`` forward takes, in that order of arguments.
         eps: the ridge in ``Q``.
-        backend, settings, solver_args, check_tol: as in :func:`qp`.
+        backend, settings, solver_args, check_tol, infeasible, closest_weight: as in
+            :func:`qp`. With ``infeasible="closest"``, ``last_relaxed`` holds the ``(B,)`` mask
+            of the elements of the last forward that were solved as their closest feasible
+            problem (only inputs ``h`` or ``b`` can make the problem infeasible).
 
     Shapes: forward takes the chosen inputs batched (``q (B, n)``, ``G (B, m, n)``, ``h (B, m)``,
     ``A (B, p, n)``, ``b (B, p)``) or unbatched, and returns ``x (B, n)``; with ``duals=True``
@@ -260,6 +416,8 @@ class OptNetQP(nn.Module):
         solver_args: dict[str, Any] | None = None,
         check_tol: float | None = None,
         duals: bool = False,
+        infeasible: str = "raise",
+        closest_weight: float = CLOSEST_WEIGHT,
     ):
         super().__init__()
         for name, v, low in (("n", n, 1), ("m", m, 0), ("p", p, 0)):
@@ -273,6 +431,11 @@ class OptNetQP(nn.Module):
             raise ValueError(f"inputs {tuple(inputs)} name constraints that m={m}, p={p} exclude")
         get_backend(backend)
         check_settings(settings)
+        if infeasible not in INFEASIBLE_POLICIES:
+            raise ValueError(f"infeasible must be one of {INFEASIBLE_POLICIES}, got {infeasible!r}")
+        check_positive("closest_weight", closest_weight)
+        self.infeasible, self.closest_weight = infeasible, float(closest_weight)
+        self.last_relaxed: Tensor | None = None
         self.n, self.m, self.p, self.eps = n, m, p, float(eps)
         self.inputs = tuple(k for k in _INPUTS if k in inputs)
         self.order = tuple(inputs)
@@ -329,7 +492,7 @@ class OptNetQP(nn.Module):
 
     def forward(self, *args: Tensor, **kwargs: Tensor) -> Tensor | tuple[Tensor, Tensor, Tensor]:
         data = self.qp_data(*args, **kwargs)
-        return qp(
+        *out, info = qp(
             data["Q"],
             data["q"],
             data.get("G"),
@@ -342,7 +505,12 @@ class OptNetQP(nn.Module):
             solver_args=self.solver_args,
             check_tol=self.check_tol,
             check_psd=False,
+            infeasible=self.infeasible,
+            closest_weight=self.closest_weight,
+            info=True,
         )
+        self.last_relaxed = info.relaxed
+        return tuple(out) if self.duals else out[0]
 
 
 def _mv_any(M: Tensor, v: Tensor) -> Tensor:

@@ -46,6 +46,7 @@ _STALL = 20  # iterations without a 10% better merit before an element is stoppe
 _SMALL = 64  # n + p up to which _KKT factorizes the augmented matrix with one LU
 _REFINED = 1e-14  # relative residual at which the backward's refinement stops
 _STEP = 0.999  # fraction of the step to the boundary of s, lam >= 0
+_ROW_FLOOR = 1e-3  # rows of G are scaled to norm 1, or to >= this fraction of the longest
 _DCAP = 1e8  # cap on lam/s (relative to |Q|) in factorized matrices; refinement undoes it
 
 RUNNING, SOLVED, INACCURATE, INFEASIBLE, UNBOUNDED, MAX_ITER, NUMERICAL = range(7)
@@ -317,7 +318,10 @@ def _equilibrate(Q: Tensor, q: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tenso
     """Row equilibration: unit-norm rows of G and A (zero rows stay as they are)."""
     B = q.shape[0]
     gs = G.norm(dim=-1, keepdim=True)
-    gs = torch.where(gs > 0, gs, 1.0)
+    # rows much shorter than the longest keep part of their scale: a unit row would carry
+    # a huge right-hand side (an almost-parallel constraint far away), which stalls the method
+    floor = _ROW_FLOOR * amax(gs) if G.shape[-2] else gs
+    gs = torch.where(gs > 0, gs.clamp_min(floor), 1.0)
     as_ = A.norm(dim=-1, keepdim=True)
     as_ = torch.where(as_ > 0, as_, 1.0)
     G, h = G / gs, h.unsqueeze(-1) / gs
@@ -504,7 +508,7 @@ class _NewtonSystem:
                 f1 - torch.bmm(Q, dx) - torch.bmm(G.mT, dlam) - (torch.bmm(A.mT, dnu) if p else 0.0)
             )
             e2 = f2 - self.lam * ds - self.s * dlam
-            e3 = f3 - torch.bmm(G, dx) - ds
+            e3 = torch.zeros_like(f3)  # ds = f3 - G dx holds by construction (_reduced)
             e4 = f4 - torch.bmm(A, dx) if p else f4
             cx, cs, cl, cn = self._reduced(e1, e2, e3, e4)
             dx, ds, dlam, dnu = dx + cx, ds + cs, dlam + cl, dnu + cn
