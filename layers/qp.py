@@ -316,10 +316,10 @@ def qp(
             the row's hyperplane) and ``rho = closest_weight``. As rho grows its solution tends
             to the closest feasible QP's (minimize the objective over the points of least
             squared violation; proxsuite's QPLayer defines it so with unscaled rows). Its
-            gradient is the exact gradient of this problem; ``lam`` and ``nu`` are the duals of its relaxed
-            inequalities and equalities (so ``nu = rho (Âx - b̂)`` on ``A``'s rows). Feasible
-            elements of the same batch are solved exactly as with "raise". Unbounded or failed
-            elements still raise.
+            gradient is the exact gradient of this problem; ``lam`` and ``nu`` are the duals of
+            its relaxed inequalities and equalities (so ``nu = rho (Âx - b̂)`` on ``A``'s
+            rows). Feasible elements of the same batch are solved exactly as with "raise".
+            Unbounded or failed elements still raise.
         closest_weight: ``rho``, the weight of the squared violations (default 1e6). The
             gradient of a relaxed element grows with it in the directions that change the
             violation; a smaller weight gives smoother gradients and a less exact projection.

@@ -24,7 +24,8 @@ from layers.sort_lp import sort_qp_layer
 def test_table():
     assert DEFAULT_BACKEND in BACKENDS
     for name, b in BACKENDS.items():
-        assert b.name == name and b.kind in {"torch", "cvxpylayers", "qpth", "proxsuite"} and b.about
+        assert b.kind in {"torch", "cvxpylayers", "qpth", "proxsuite"}
+        assert b.name == name and b.about
         assert 0 < b.check_tol <= 1e-5
     # diffcp rejects ``mode`` when no gradient is needed
     assert "mode" not in BACKENDS["diffcp-clarabel"].solver_args("accurate", needs_grad=False)
