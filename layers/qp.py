@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from layers._checks import SolverError, check_positive
 from layers.backends import check_settings, get_backend
 from layers.cvxpy_layer import CvxpyProblemLayer
+from layers.qp_elastic import elastic_qp
 from layers.qp_ipm import INFEASIBLE, solve_qp
 from layers.qp_problem import QPProblem, prepare_qp
 from layers.qp_solve import solve_checked
@@ -174,61 +175,6 @@ def _take(prob: QPProblem, idx: Tensor) -> QPProblem:
     )
 
 
-def _elastic_scales(prob: QPProblem) -> tuple[Tensor, Tensor]:
-    """The row norms of ``G`` ``(B, m)`` and ``A`` ``(B, p)`` for :func:`_relaxed` (zero rows
-    count as 1): a scaled violation is the distance to the row's hyperplane."""
-
-    def norms(M: Tensor) -> Tensor:
-        r = M.norm(dim=-1)
-        return torch.where(r > 0, r, torch.ones_like(r))
-
-    return norms(prob.G), norms(prob.A)
-
-
-def _relaxed(prob: QPProblem, weight: float) -> QPProblem:
-    """The elastic form of ``prob`` (see :func:`qp`, ``infeasible="closest"``), always feasible:
-
-        min 1/2 x'Qx + q'x + 1/2 |t|^2 + 1/2 |u|^2   s.t.   Ĝx - t/sqrt(rho) <= ĥ,
-                                                            Âx - u/sqrt(rho) = b̂
-
-    over ``(x, t, u)``: the violations ``s = t/sqrt(rho)`` and ``Âx - b̂ = u/sqrt(rho)`` cost
-    ``rho/2`` times their squares, and the objective stays as well scaled as ``Q`` (a
-    ``rho |s|^2`` term would not be). ``Ĝ, ĥ, Â, b̂``: ``G, h, A, b`` with the rows of ``G``
-    and ``A`` scaled to unit norm; ``rho = weight``. Built from the inputs with differentiable
-    operations, so its solution carries their gradients; its duals are those of the rows of
-    ``Ĝ`` and ``Â``.
-    """
-    B, n, m, p = prob.sizes
-    gs, as_ = _elastic_scales(prob)
-    c = weight**-0.5
-    k = n + m + p
-    Q = prob.Q.new_zeros(B, k, k)
-    Q[:, :n, :n] = 0.5 * (prob.Q + prob.Q.mT)
-    Q.diagonal(dim1=-2, dim2=-1)[:, n:] = 1.0
-    eye_m = torch.eye(m, dtype=Q.dtype, device=Q.device).expand(B, m, m)
-    eye_p = torch.eye(p, dtype=Q.dtype, device=Q.device).expand(B, p, p)
-    G = torch.cat([prob.G / gs.unsqueeze(-1), -c * eye_m, prob.G.new_zeros(B, m, p)], -1)
-    A = torch.cat([prob.A / as_.unsqueeze(-1), prob.A.new_zeros(B, p, m), -c * eye_p], -1)
-    return dataclasses.replace(
-        prob,
-        Q=Q,
-        q=torch.cat([prob.q, prob.q.new_zeros(B, m + p)], -1),
-        G=G,
-        h=prob.h / gs,
-        A=A,
-        b=prob.b / as_,
-    )
-
-
-def _solve_relaxed(prob: QPProblem, solve: Any, weight: float) -> tuple[Tensor, Tensor, Tensor]:
-    """``(x, lam, nu)`` of the elastic form of ``prob`` (see :func:`_relaxed`), the duals
-    scaled back to the rows of ``G`` and ``A`` (``Qx + q + G'lam + A'nu = 0``)."""
-    n = prob.sizes[1]
-    z, lam, nu = solve(_relaxed(prob, weight))
-    gs, as_ = _elastic_scales(prob)
-    return z[:, :n], lam / gs, nu / as_
-
-
 def _solve_or_relax(
     prob: QPProblem, solve: Any, weight: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -250,7 +196,7 @@ def _solve_or_relax(
     relaxed = none.clone()
     relaxed[idx] = True
     keep = torch.nonzero(~relaxed).flatten()
-    parts = [_solve_relaxed(sub, solve, weight)]
+    parts = [elastic_qp(sub.Q, sub.q, sub.G, sub.h, sub.A, sub.b, weight)]
     order = [idx]
     if keep.numel():
         parts.insert(0, solve(_take(prob, keep)))
@@ -319,7 +265,8 @@ def qp(
             gradient is the exact gradient of this problem; ``lam`` and ``nu`` are the duals of
             its relaxed inequalities and equalities (so ``nu = rho (Âx - b̂)`` on ``A``'s
             rows). Feasible elements of the same batch are solved exactly as with "raise".
-            Unbounded or failed elements still raise.
+            Unbounded or failed elements still raise. The elastic problem is solved exactly,
+            whatever the backend, by :mod:`layers.qp_elastic` (semismooth Newton).
         closest_weight: ``rho``, the weight of the squared violations (default 1e6). The
             gradient of a relaxed element grows with it in the directions that change the
             violation; a smaller weight gives smoother gradients and a less exact projection.

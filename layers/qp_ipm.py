@@ -47,6 +47,7 @@ _SMALL = 64  # n + p up to which _KKT factorizes the augmented matrix with one L
 _REFINED = 1e-14  # relative residual at which the backward's refinement stops
 _STEP = 0.999  # fraction of the step to the boundary of s, lam >= 0
 _ROW_FLOOR = 1e-3  # rows of G are scaled to norm 1, or to >= this fraction of the longest
+_REFINE = 1  # refinement steps of the corrector when the cap perturbed the matrix
 _DCAP = 1e8  # cap on lam/s (relative to |Q|) in factorized matrices; refinement undoes it
 
 RUNNING, SOLVED, INACCURATE, INFEASIBLE, UNBOUNDED, MAX_ITER, NUMERICAL = range(7)
@@ -529,7 +530,7 @@ def _predictor_corrector(pb: _Scaled, pt: _Iterate, res: _Residuals) -> tuple[_I
     sigma = (mu_aff / mu).clamp(0, 1) ** 3
     rs = rs + ds * dlam - sigma * mu
     # Refinement only pays when the cap perturbed the factorized matrix.
-    refine = 1 if bool(newton.capped.any()) else 0
+    refine = _REFINE if bool(newton.capped.any()) else 0
     dx, ds, dlam, dnu = newton.solve(-res.rx, -rs, -res.rz, -res.ry, refine)
     # 0.999 of the way to the boundary (as qpth).
     a = (_STEP * torch.minimum(max_step(s, ds), max_step(lam, dlam))).clamp(max=1.0)

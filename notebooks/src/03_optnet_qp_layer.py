@@ -316,9 +316,85 @@ for g, off in zip(G_unit, h_unit):
         r"""
 $Q$ is the identity to two decimals, 8 of the 16 random half-spaces have become exactly the box
 faces $\pm x_i \le 1$, and the other 8 have moved out of the way: the layer recovered the QP behind
-the target map from input/output pairs alone. The next notebook uses the same machinery for
-total-variation denoising, where the QP has a special structure (a box-constrained dual) that a
-dedicated solver exploits.
+the target map from input/output pairs alone.
+
+## Learning through infeasible constraints
+
+The always-feasible parameterization is a choice. When the constraints are learned freely, a
+training step can make them contradictory, and then there is no solution to return: by default
+(`infeasible="raise"`) the layer raises `SolverError`. With `infeasible="closest"` such an
+element is solved as its *closest feasible problem* instead, the elastic QP
+
+$$\min_x \ \tfrac12 x^\top Q x + q^\top x + \tfrac{\rho}{2}\,\|(\hat G x - \hat h)_+\|^2
++ \tfrac{\rho}{2}\,\|\hat A x - \hat b\|^2$$
+
+(rows of $G$ and $A$ scaled to unit norm, so a violation is a distance; $\rho$ =
+`closest_weight`, $10^6$ by default), which tends to the minimizer of the objective over the
+points of least violation as $\rho$ grows. Feasible elements of the batch are solved exactly as
+before, every element gets its gradient, and `info=True` returns which elements were relaxed.
+
+Here the layer learns the box of the previous section from scratch, with $G = [I; -I]$ fixed
+and the offsets $h$ learned, starting from $h = -\tfrac12$: $x \le -\tfrac12$ and
+$x \ge \tfrac12$, infeasible. The closest feasible point of two contradictory bounds is their
+midpoint, whatever the input, so the data loss alone cannot tell the bounds to open; the loss
+adds the squared violation of the returned $x$, which does.
+""",
+    ),
+    (
+        "code",
+        """
+torch.manual_seed(0)
+n = 4
+G_box = torch.cat([torch.eye(n), -torch.eye(n)])
+h_learned = torch.nn.Parameter(torch.full((2 * n,), -0.5))  # x <= -1/2 and x >= 1/2
+y = 2 * torch.randn(64, n)
+try:
+    qp(torch.eye(n), -y, G_box, h_learned)
+except SolverError as err:
+    print("infeasible='raise':", str(err)[:90], "...")
+
+opt = torch.optim.Adam([h_learned], lr=0.05)
+losses, relaxed, offsets = [], [], []
+for _step in range(150):
+    y = 2 * torch.randn(64, n)
+    x, info = qp(torch.eye(n), -y, G_box, h_learned, infeasible="closest", info=True)
+    violation = (x @ G_box.T - h_learned).clamp_min(0).pow(2).sum(-1).mean()
+    loss = (x - y.clamp(-1, 1)).pow(2).mean() + violation
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    losses.append(loss.item())
+    relaxed.append(info.relaxed.float().mean().item())
+    offsets.append(h_learned.detach().clone())
+print("learned h:", h_learned.detach().numpy().round(3))
+first_feasible = next(i for i, r in enumerate(relaxed) if r == 0)
+print(f"relaxed until step {first_feasible}; final loss {losses[-1]:.1e}")
+
+fig, axes = plt.subplots(1, 2, figsize=(7, 3))
+axes[0].semilogy(losses, label="loss")
+axes[0].plot(relaxed, label="fraction relaxed")
+axes[0].set_xlabel("Adam step")
+axes[0].legend()
+offsets = torch.stack(offsets)
+axes[1].plot(offsets[:, :n], "tab:blue", lw=1)
+axes[1].plot(-offsets[:, n:], "tab:orange", lw=1)
+axes[1].axhline(0, color="k", lw=0.5)
+axes[1].set_xlabel("Adam step")
+axes[1].set_ylabel("upper bounds (blue), lower (orange)")
+for ax in axes:
+    ax.grid(alpha=0.3)
+fig.tight_layout()
+plt.show()
+""",
+    ),
+    (
+        "md",
+        r"""
+While the bounds cross, every element is relaxed and the violation term pushes both bounds
+apart; once they no longer cross, the QP is feasible again and the data loss drives them to
+$\pm 1$. With `infeasible="raise"` the first step would have stopped training. The next
+notebook uses the same machinery for total-variation denoising, where the QP has a special
+structure (a box-constrained dual) that a dedicated solver exploits.
 """,
     ),
 ]
