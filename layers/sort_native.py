@@ -23,6 +23,7 @@ All arithmetic that decides the solution runs in float64; results come back in t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -177,7 +178,8 @@ def project_permutahedron(
 
 
 def _topk_thresholds(z: Tensor, ks: Tensor) -> Tensor:
-    """``nu (B, len(ks))`` with ``sum_i clip(z_i - nu_j, 0, 1) = ks[j]`` (float64), ``0 < k < n``.
+    """``nu (B, len(ks))`` with ``sum_i clip(z_i - nu_j, 0, 1) = ks[j]`` (float64, for ``z`` of
+    any float dtype), ``0 < k < n``.
 
     ``f(nu) = sum clip(z - nu, 0, 1)`` is piecewise linear with breakpoints ``z_i`` and
     ``z_i - 1``. With ``s`` sorted descending and prefix sums ``S``, at any ``nu`` the entries at
@@ -189,7 +191,7 @@ def _topk_thresholds(z: Tensor, ks: Tensor) -> Tensor:
     as stored, so a breakpoint ``s_i - 1`` matches itself exactly.
     """
     B, n = z.shape
-    s = torch.sort(z, dim=-1, descending=True).values
+    s = torch.sort(z, dim=-1, descending=True).values.to(F64)  # in z's dtype: exact, faster
     asc = s.flip(-1).contiguous()
     asc1 = asc - 1
     S = torch.cat([s.new_zeros(B, 1), s.cumsum(-1)], -1)  # S[j] = sum of the top j
@@ -201,14 +203,35 @@ def _topk_thresholds(z: Tensor, ks: Tensor) -> Tensor:
 
     k = ks.to(dtype=F64, device=z.device).expand(B, -1).contiguous()
     lo = torch.full_like(k, -torch.inf)
+    steps = max(1, n.bit_length())
+    few = k.shape[-1] * steps < n  # bisection on the breakpoints beats evaluating f at all
     for bp in (s, s - 1):  # each family is sorted descending, f(bp) non-decreasing along it
-        fb = f(bp).cummax(-1).values  # monotone despite rounding
-        i = torch.searchsorted(fb, k, right=False)  # first index with f >= k
+        if few:
+            i = _first_at_least(f, bp, k, steps)
+        else:
+            fb = f(bp).cummax(-1).values  # monotone despite rounding
+            i = torch.searchsorted(fb, k, right=False)  # first index with f >= k
         lo = torch.where(i < n, torch.maximum(lo, bp.gather(-1, i.clamp(max=n - 1))), lo)
     c1 = n - torch.searchsorted(asc1, lo, right=True)  # on the segment just above lo
     cf = n - torch.searchsorted(asc, lo, right=True)
     nu = (S.gather(-1, cf) - S.gather(-1, c1) + c1 - k) / (cf - c1).clamp_min(1)
     return torch.where(cf > c1, nu.clamp_min(lo), lo)
+
+
+def _first_at_least(f: Callable[[Tensor], Tensor], bp: Tensor, k: Tensor, steps: int) -> Tensor:
+    """The first index ``i`` (``n`` if none) with ``f(bp[..., i]) >= k`` for each entry of
+    ``k (B, K)``, by bisection over the ``n`` breakpoints ``bp (B, n)`` along which ``f`` is
+    non-decreasing: ``steps >= log2(n + 1)`` evaluations of ``f`` at ``K`` points per row."""
+    n = bp.shape[-1]
+    lo = torch.zeros_like(k, dtype=torch.long)
+    hi = torch.full_like(lo, n)
+    for _ in range(steps):
+        mid = (lo + hi) // 2
+        ok = f(bp.gather(-1, mid.clamp(max=n - 1))) >= k
+        ok = ok & (mid < n)
+        hi = torch.where(ok, mid, hi)
+        lo = torch.where(ok | (mid >= hi), lo, mid + 1)
+    return hi
 
 
 def _chunks(B: int, n: int, budget: int = 1 << 24) -> list[slice]:
@@ -223,7 +246,7 @@ class _TopK(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, z: Tensor, k: int) -> Tensor:  # type: ignore[override]
         z64 = z.to(F64)
-        y = (z64 - _topk_thresholds(z64, torch.tensor([k]))).clamp(0, 1)
+        y = (z64 - _topk_thresholds(z, torch.tensor([k]))).clamp(0, 1)
         ctx.save_for_backward((y > 0) & (y < 1))
         return y.to(z.dtype)
 
@@ -249,7 +272,7 @@ class _NestedTopK(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, z: Tensor) -> Tensor:  # type: ignore[override]
         B, n = z.shape
-        nu = _topk_thresholds(z.to(F64), torch.arange(1, n)).to(z.dtype)
+        nu = _topk_thresholds(z, torch.arange(1, n)).to(z.dtype)
         P = z.new_empty(B, n, n)
         for c in _chunks(B, n):
             T = (z[c].unsqueeze(-2) - nu[c].unsqueeze(-1)).clamp_(0, 1)  # (b, n - 1, n)
