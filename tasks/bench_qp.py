@@ -15,9 +15,11 @@ Sizes (batch, n, inequalities, equalities, density):
 * ``sparse-p512`` -- the same with 512 equalities (not run by default).
 
 Methods: every backend of :func:`layers.qp.qp` (``torch-ipm``, ``moreau``, ``diffcp-*``,
-``qpth``, each with the library's settings), plus three peers used the way their documentation
-shows: ``cvxpylayers-default`` (``CvxpyLayer`` with no solver arguments: diffcp, with ``Q``
-entering as a Cholesky factor) and ``qpth-default`` (``QPFunction()``); and beside them
+``qpth``, ``proxsuite``, each with the library's settings), plus the peers used the way their
+documentation shows: ``cvxpylayers-default`` (``CvxpyLayer`` with no solver arguments: diffcp,
+with ``Q`` entering as a Cholesky factor), ``qpth-default`` (``QPFunction()``) and
+``proxsuite-default`` (proxsuite's QPLayer, ``QPFunction()``, with ``-1e20 <= Gx <= h``); and
+beside them
 ``moreau-default`` (the same layer with ``solver="MOREAU"`` and moreau's own settings: its
 active-set method on small QPs), a backend used untuned rather than a peer. All run side by
 side in one process on the same problems, so their ratios are comparable on a busy machine.
