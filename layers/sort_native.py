@@ -204,7 +204,7 @@ def _topk_thresholds(z: Tensor, ks: Tensor) -> Tensor:
     k = ks.to(dtype=F64, device=z.device).expand(B, -1).contiguous()
     lo = torch.full_like(k, -torch.inf)
     steps = max(1, n.bit_length())
-    few = k.shape[-1] * steps < n  # bisection on the breakpoints beats evaluating f at all
+    few = k.shape[-1] * steps * 8 < n  # bisection on the breakpoints beats evaluating f at all
     for bp in (s, s - 1):  # each family is sorted descending, f(bp) non-decreasing along it
         if few:
             i = _first_at_least(f, bp, k, steps)
