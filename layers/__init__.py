@@ -13,7 +13,8 @@
 Imports run one way (``tests/test_imports.py`` checks it)::
 
     _checks, _batched, _sort_common          input checks, SolverError, batched linear algebra
-      <- qp_ipm, tv_native, qp_problem       the solvers; the QP layer's input preparation
+      <- qp_ipm, qp_elastic, tv_native,      the solvers (interior point, the closest feasible
+         sort_native, qp_problem             QP, TV, sorts); the QP layer's input preparation
       <- backends                            the table (imports nothing from layers)
       <- qp_solve                            run a QP backend, check the answer
       <- cvxpy_layer                         a CVXPY problem as a layer
@@ -27,7 +28,7 @@ from layers._checks import SolverError
 from layers.backends import BACKENDS, DEFAULT_BACKEND, Backend, get_backend
 from layers.cvxpy_layer import CvxpyProblemLayer
 from layers.knn import DKNN, knn_vote, nearest_neighbors, pairwise_sq_dists
-from layers.qp import OptNetQP, qp
+from layers.qp import OptNetQP, QPLayerInfo, qp
 from layers.qp_ipm import STATUS_NAMES, QPInfo, QPSolution, kkt_residuals, solve_qp
 from layers.sort import (
     SORTS,
@@ -75,6 +76,7 @@ __all__ = [
     "NeuralSort",
     "OptNetQP",
     "QPInfo",
+    "QPLayerInfo",
     "QPSolution",
     "Sinkhorn",
     "SolverError",
