@@ -1,30 +1,89 @@
 """Input checks shared by the layers (every message says what was wrong and how to fix it), and
-the error every layer raises when a solve fails (:class:`SolverError`)."""
+the error every layer raises when a solve fails (:class:`SolverError`).
+
+Bad input: one policy for every public layer
+--------------------------------------------
+Every public function and module of :mod:`layers` answers a bad input with the right result or
+one clear error, never NaN, Inf or garbage. Tensor inputs go through :func:`check_tensor`.
+
+* **NaN / Inf**: ``ValueError`` naming the argument and the count ("scores has 1 NaN/Inf
+  entries; clean the input before this layer").
+* **Huge finite values**: the right result, computed safely: the sort relaxations are shift
+  invariant and cap score gaps too wide to matter (:func:`layers._sort_common.compress_gaps`);
+  NeuralSort / Sinkhorn compute in float64 when float32 logits would overflow; the nearest
+  neighbours are found in rescaled coordinates. Where the result itself overflows the dtype
+  (squared distances) or a solver cannot reach its relative accuracy on such data, a
+  ``ValueError`` or :class:`SolverError` says that the values are too large and to rescale them
+  (:func:`scale_advice`).
+* **float16 / bfloat16**: computed in float32 (float64 in the QP, TV and CVXPY solvers) and
+  returned in the input's dtype.
+* **integer / bool dtype**: ``TypeError`` saying to convert (``.float()``); kNN labels, which
+  must be integers, are the one exception.
+* **empty batch** (``B = 0``): empty outputs of the right shape and dtype, computed without a
+  solver; backward works and gives empty gradients.
+* **no items / variables** (``n = 0``): ``ValueError`` saying at least one is needed
+  (``pairwise_sq_dists``, which solves nothing, returns its empty matrix).
+* **one item / variable** (``n = 1``): the trivial result, with finite gradients.
+* **wrong shape** (too few dims, sizes that disagree between arguments): ``ValueError`` naming
+  the argument, its shape and the shape expected.
+* **meta tensors**: ``ValueError`` from :func:`check_tensor`: a layer needs the values, so the
+  input must be on a real device.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
-__all__ = ["SolverError", "check_finite", "check_positive", "check_tensor", "format_indices"]
+__all__ = [
+    "SolverError",
+    "check_finite",
+    "check_not_meta",
+    "check_positive",
+    "check_tensor",
+    "format_indices",
+    "scale_advice",
+]
 
 
-def check_tensor(name: str, x: torch.Tensor, *, min_dim: int = 1) -> None:
-    """``x`` is a floating tensor with at least ``min_dim`` dims and only finite values."""
+def check_tensor(
+    name: str,
+    x: torch.Tensor,
+    *,
+    min_dim: int = 1,
+    dims: Sequence[int] | None = None,
+) -> None:
+    """``x`` is a floating tensor, not on the meta device, with at least ``min_dim`` dims (or a
+    number of dims in ``dims``) and only finite values (the policy in this module's docstring)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise TypeError(
             f"{name} must be a floating-point tensor, got dtype {x.dtype}; use .float()"
         )
+    check_not_meta(name, x)
+    if dims is not None and x.dim() not in dims:
+        want = " or ".join(str(d) for d in dims)
+        raise ValueError(f"{name} must have {want} dims, got shape {tuple(x.shape)}")
     if x.dim() < min_dim:
         raise ValueError(f"{name} must have at least {min_dim} dims, got shape {tuple(x.shape)}")
     check_finite(name, x)
 
 
+def check_not_meta(name: str, x: torch.Tensor) -> None:
+    """``x`` is not a meta tensor (which has a shape but no values)."""
+    if x.device.type == "meta":
+        raise ValueError(
+            f"{name} is a meta tensor (shape {tuple(x.shape)}, no values): the layer needs its "
+            "values to solve, so meta tensors cannot be solved; create it on a real device "
+            "(e.g. 'cpu' or 'cuda')"
+        )
+
+
 def check_finite(name: str, x: torch.Tensor) -> None:
     """A floating ``x`` has no NaN/Inf entries (other dtypes pass)."""
+    check_not_meta(name, x)
     if x.is_floating_point() and not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).sum())
         raise ValueError(f"{name} has {bad} NaN/Inf entries; clean the input before this layer")
@@ -32,6 +91,8 @@ def check_finite(name: str, x: torch.Tensor) -> None:
 
 def check_positive(name: str, value: float | torch.Tensor) -> None:
     """``value`` (a number or tensor) is finite and > 0."""
+    if isinstance(value, torch.Tensor):
+        check_not_meta(name, value)
     v = value.detach() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
     if not torch.isfinite(v).all() or (v <= 0).any():
         raise ValueError(f"{name} must be > 0 and finite, got {value}")
@@ -52,3 +113,25 @@ def format_indices(idx: Sequence[int], k: int = 10) -> str:
     """``[i0, i1, ...]`` with at most ``k`` indices shown and the total count when cut."""
     idx = list(idx)
     return str(idx[:k])[:-1] + (f", ... ({len(idx)} in all)]" if len(idx) > k else "]")
+
+
+# Data whose largest entry reaches this get :func:`scale_advice`'s sentence when a solve fails.
+LARGE_DATA = 1e10
+
+
+def scale_advice(tensors: Mapping[str, torch.Tensor | None]) -> str:
+    """A sentence for a failed solve on data far from 1 (empty when every entry is below
+    :data:`LARGE_DATA` in magnitude): which input is largest, and to rescale."""
+    top, where = 0.0, ""
+    for name, t in tensors.items():
+        if t is None or t.numel() == 0 or not t.is_floating_point() or t.device.type == "meta":
+            continue
+        v = float(t.detach().abs().max().double())
+        if v > top:
+            top, where = v, name
+    if not top >= LARGE_DATA:
+        return ""
+    return (
+        f"The data reach |{where}| = {top:.3g}: values this large overflow or exhaust the "
+        "solver's float64 relative accuracy; rescale the problem so its data are of order 1."
+    )

@@ -22,10 +22,10 @@ from typing import Any
 import torch
 
 from layers._sort_common import (
-    centred,
     check_k,
     check_scores,
     check_strength,
+    compress_gaps,
     hard_permutation,
     hard_topk,
     straight_through,
@@ -245,6 +245,14 @@ def _project_permutahedron(
     return torch.zeros_like(s).scatter(-1, order, s - v)
 
 
+def _lp_scores(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """``x / eps`` as the top-k and Birkhoff LPs see it: shifted, with gaps wider than ``2 eps``
+    narrowed (:func:`~layers._sort_common.compress_gaps`; the solution does not change), so
+    scores of any magnitude (1e30, 1e300) give the exact solution and stay small for the
+    solvers."""
+    return compress_gaps(x, 2.0 * eps) / eps
+
+
 def _topk_targets(n: int, ks: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """``(len(ks), n)``: row ``j`` is ``(1, ..., 1, 0, ..., 0)`` with ``ks[j]`` ones."""
     j = torch.arange(n, device=ref.device)
@@ -360,9 +368,9 @@ def lp_topk(
     if k == n:  # the feasible set is one point
         y = torch.ones_like(x) + 0 * x
     elif backend == "native":
-        y = topk_projection(centred(x) / eps, k)
+        y = topk_projection(_lp_scores(x, eps), k)
     else:
-        y = _qp_layer("topk", n, k, backend).solve(centred(x) / eps)
+        y = _qp_layer("topk", n, k, backend).solve(_lp_scores(x, eps))
     y = straight_through(hard_topk(x, k), y) if hard else y
     return y.to(scores.dtype)
 
@@ -370,11 +378,11 @@ def lp_topk(
 def _nested_topk_matrix(scores: torch.Tensor, eps: float, backend: str) -> torch.Tensor:
     """``P_hat[i] = T_{i+1} - T_i`` from the regularized top-k LPs ``T_k`` for all ``k``."""
     if backend == "native":
-        return nested_topk_matrix(centred(scores) / eps)
+        return nested_topk_matrix(_lp_scores(scores, eps))
     n = scores.shape[-1]
     ks = torch.arange(1, n, device=scores.device)
     w = _topk_targets(n, ks, scores)  # (n - 1, n)
-    z = (centred(scores) / eps).unsqueeze(-2).expand(*scores.shape[:-1], n - 1, n)
+    z = _lp_scores(scores, eps).unsqueeze(-2).expand(*scores.shape[:-1], n - 1, n)
     T = _project_permutahedron(z, w, backend)  # (..., n - 1, n)
     zeros = torch.zeros_like(scores).unsqueeze(-2)
     T = torch.cat([zeros, T, torch.ones_like(zeros)], dim=-2)
@@ -438,7 +446,7 @@ def lp_birkhoff_sort(
     eps = check_strength(regularization_strength)
     check_lp_backend(backend)
     x = upcast_half(scores)
-    t = centred(x) / eps
+    t = _lp_scores(x, eps)
     if n == 1:
         P = x[..., None] * 0 + 1
     elif backend == "native":
@@ -471,9 +479,9 @@ def lp_permutahedron_topk(
     if k == n:
         y = torch.ones_like(x) + 0 * x
     elif backend == "native":  # the same projection as lp_topk's (and as this relaxation's rows)
-        y = topk_projection(centred(x) / eps, k)
+        y = topk_projection(_lp_scores(x, eps), k)
     else:
         w = _topk_targets(n, torch.tensor([k], device=x.device), x)[0]
-        y = _project_permutahedron(centred(x) / eps, w, backend)
+        y = _project_permutahedron(_lp_scores(x, eps), w, backend)
     y = straight_through(hard_topk(x, k), y) if hard else y
     return y.to(scores.dtype)
