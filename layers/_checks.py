@@ -42,6 +42,7 @@ __all__ = [
     "check_not_meta",
     "check_positive",
     "check_tensor",
+    "empty_outputs",
     "format_indices",
     "scale_advice",
 ]
@@ -87,6 +88,23 @@ def check_finite(name: str, x: torch.Tensor) -> None:
     if x.is_floating_point() and not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).sum())
         raise ValueError(f"{name} has {bad} NaN/Inf entries; clean the input before this layer")
+
+
+def empty_outputs(
+    inputs: Sequence[torch.Tensor | None],
+    shapes: Sequence[Sequence[int]],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> tuple[torch.Tensor, ...]:
+    """The outputs of an empty batch: zeros of each shape in ``shapes`` (each has a 0 in it),
+    made without a solver. They depend on the ``inputs`` that require grad, with weight 0, so
+    backward runs through them and gives those inputs zero (for batched ones: empty)
+    gradients."""
+    link = torch.zeros((), dtype=dtype, device=device)
+    for t in inputs:
+        if t is not None and t.requires_grad:
+            link = link + (t.sum() * 0).to(dtype=dtype, device=device)
+    return tuple(torch.zeros(tuple(sh), dtype=dtype, device=device) + link for sh in shapes)
 
 
 def check_positive(name: str, value: float | torch.Tensor) -> None:
