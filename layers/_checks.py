@@ -54,9 +54,11 @@ def check_tensor(
     *,
     min_dim: int = 1,
     dims: Sequence[int] | None = None,
+    expected: str | None = None,
 ) -> None:
     """``x`` is a floating tensor, not on the meta device, with at least ``min_dim`` dims (or a
-    number of dims in ``dims``) and only finite values (the policy in this module's docstring)."""
+    number of dims in ``dims``) and only finite values (the policy in this module's docstring).
+    ``expected`` (e.g. ``"(n,) or (B, n)"``) is the shape the dims error names."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
@@ -64,11 +66,14 @@ def check_tensor(
             f"{name} must be a floating-point tensor, got dtype {x.dtype}; use .float()"
         )
     check_not_meta(name, x)
-    if dims is not None and x.dim() not in dims:
-        want = " or ".join(str(d) for d in dims)
-        raise ValueError(f"{name} must have {want} dims, got shape {tuple(x.shape)}")
-    if x.dim() < min_dim:
-        raise ValueError(f"{name} must have at least {min_dim} dims, got shape {tuple(x.shape)}")
+    if (dims is not None and x.dim() not in dims) or x.dim() < min_dim:
+        if expected is not None:
+            want = f"shape {expected}"
+        elif dims is not None:
+            want = " or ".join(str(d) for d in dims) + " dims"
+        else:
+            want = f"at least {min_dim} dims"
+        raise ValueError(f"{name} must have {want}, got shape {tuple(x.shape)}")
     check_finite(name, x)
 
 
