@@ -81,9 +81,8 @@ def check_not_meta(name: str, x: torch.Tensor) -> None:
     """``x`` is not a meta tensor (which has a shape but no values)."""
     if x.device.type == "meta":
         raise ValueError(
-            f"{name} is a meta tensor (shape {tuple(x.shape)}, no values): the layer needs its "
-            "values to solve, so meta tensors cannot be solved; create it on a real device "
-            "(e.g. 'cpu' or 'cuda')"
+            f"{name} is a meta tensor (shape {tuple(x.shape)}): meta tensors cannot be solved, "
+            "as the layer needs the values; create it on a real device (e.g. 'cpu' or 'cuda')"
         )
 
 

@@ -27,7 +27,7 @@ __all__ = [
 
 def check_scores(scores: torch.Tensor, name: str = "scores") -> int:
     """``scores`` is a finite floating tensor ``(..., n)`` with ``n >= 1``; returns ``n``."""
-    check_tensor(name, scores, min_dim=1)
+    check_tensor(name, scores, min_dim=1, expected="(..., n)")
     n = scores.shape[-1]
     if n < 1:
         raise ValueError(

@@ -242,10 +242,12 @@ def neural_sort(scores: torch.Tensor, tau: float = 1.0, hard: bool = False) -> t
 def _gumbel_like(
     shape: tuple[int, ...], ref: torch.Tensor, generator: torch.Generator | None
 ) -> torch.Tensor:
-    """Standard Gumbel noise ``-log(-log U)`` with ``U`` clamped away from 0 and 1."""
-    u = torch.rand(shape, generator=generator, dtype=ref.dtype, device=ref.device)
-    tiny = torch.finfo(ref.dtype).tiny
-    return -torch.log(-torch.log(u.clamp_(tiny, 1.0 - torch.finfo(ref.dtype).eps)))
+    """Standard Gumbel noise ``-log(-log U)`` with ``U`` clamped away from 0 and 1, in ``ref``'s
+    dtype (float32 for half precision, so half scores get the float32 path's noise)."""
+    dtype = upcast_half(ref).dtype
+    u = torch.rand(shape, generator=generator, dtype=dtype, device=ref.device)
+    tiny = torch.finfo(dtype).tiny
+    return -torch.log(-torch.log(u.clamp_(tiny, 1.0 - torch.finfo(dtype).eps)))
 
 
 def stochastic_neural_sort(

@@ -391,6 +391,9 @@ def tv_error_bound(x: Tensor, y: Tensor, D: Tensor, lam: float | Tensor) -> Tens
         ``sqrt(2 gap / n)`` for a dual point built from ``x``'s active set.
     """
     yb, Db, lb, unbatched = _prepare(y, D, lam)
+    check_tensor("x", x)
+    if x.shape != y.shape:
+        raise ValueError(f"x has shape {tuple(x.shape)}, expected y's {tuple(y.shape)}")
     xb = x.reshape(yb.shape).to(torch.float64)
     out = certify(xb, yb, Db, lb)
     return out[0] if unbatched else out
