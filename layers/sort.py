@@ -278,7 +278,7 @@ def stochastic_neural_sort(
     t = temperature("tau", tau)
     _check_int("num_samples", num_samples)
     perturbed = scores.unsqueeze(0) + _gumbel_like((num_samples, *scores.shape), scores, generator)
-    return _neural_sort_rows(perturbed, t, n, hard)
+    return _neural_sort_rows(perturbed, t, n, hard).to(scores.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,7 +413,8 @@ class StochasticNeuralSort(SortRelaxation):
         g = _gumbel_like((self.num_samples, *scores.shape), scores, self.generator)
         perturbed = scores.unsqueeze(0) + g
         soft = _neural_sort_rows(perturbed, self.tau, k, False).sum(-2)
-        return straight_through(hard_topk(perturbed, k), soft) if self.hard else soft
+        out = straight_through(hard_topk(perturbed, k), soft) if self.hard else soft
+        return out.to(scores.dtype)
 
 
 class Sinkhorn(SortRelaxation):
