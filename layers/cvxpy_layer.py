@@ -407,6 +407,13 @@ class CvxpyProblemLayer(torch.nn.Module):
         check_settings(settings)
         from cvxpylayers.torch import CvxpyLayer
 
+        empty = [e for e in [*problem.variables(), *problem.parameters()] if e.size == 0]
+        if empty:
+            raise ValueError(
+                f"{type(empty[0]).__name__.lower()} {empty[0].name()} has shape "
+                f"{empty[0].shape}: the problem needs at least one entry in each variable and "
+                "parameter"
+            )
         if isinstance(solver, str) and solver in BACKENDS and backend == "auto":
             backend, solver = solver, None  # positional backend name (the old signature)
         _check_quad_forms(problem)
@@ -447,6 +454,7 @@ class CvxpyProblemLayer(torch.nn.Module):
                 solver_args=init_args,
             )
         self.param_names = [f"parameter {i} ({p.name()})" for i, p in enumerate(parameters)]
+        self.param_shapes = [tuple(p.shape) for p in parameters]
         self.param_ndims = [len(p.shape) for p in parameters]
         self.out_shapes = [tuple(v.shape) for v in variables]
 
@@ -480,7 +488,15 @@ class CvxpyProblemLayer(torch.nn.Module):
         for i, p in enumerate(params):
             if not isinstance(p, torch.Tensor):
                 raise TypeError(f"parameter {i} must be a torch.Tensor, got {type(p).__name__}")
-        self.layer.ctx.validate_params(list(params))  # ValueError for bad counts and shapes
+        try:
+            self.layer.ctx.validate_params(list(params))  # ValueError for bad counts and shapes
+        except ValueError as err:
+            given = [tuple(p.shape) for p in params]
+            want = [tuple(s) for s in self.param_shapes]
+            raise ValueError(
+                f"{err}; got shapes {given}, expected {want} (each with an optional leading "
+                "batch dim)"
+            ) from None
         for name, p in zip(self.param_names, params):
             check_tensor(name, p, min_dim=0)
         dtype, device = params[0].dtype, params[0].device

@@ -353,10 +353,9 @@ class OptNetQP(nn.Module):
             check_tensor(k, v)
             w = want[k]
             if v.dim() not in (len(w), len(w) + 1) or tuple(v.shape[v.dim() - len(w) :]) != w:
-                shape = ", ".join(map(str, w))
                 raise ValueError(
-                    f"{k} has shape {tuple(v.shape)}, expected ({shape}) or (B, {shape}) for "
-                    f"this layer (n={self.n}, m={self.m}, p={self.p})"
+                    f"{k} has shape {tuple(v.shape)}, expected {w} or {('B', *w)} for this "
+                    f"layer (n={self.n}, m={self.m}, p={self.p})"
                 )
 
     def forward(self, *args: Tensor, **kwargs: Tensor) -> Tensor | tuple[Tensor, Tensor, Tensor]:

@@ -38,6 +38,7 @@ __all__ = [
     "QPInfo",
     "QPSolution",
     "kkt_residuals",
+    "solution_scale",
     "solve_qp",
     "solve_qp_differentiable",
 ]
@@ -725,6 +726,11 @@ def _solve_qp(
     Q = 0.5 * (Q + Q.mT)
     n = q.shape[1]
     m, p = G.shape[-2], A.shape[-2]
+    # Data far from unit size are solved as x = beta y (see solution_scale): the residual tests
+    # add 1 to data norms, and x'Qx overflows for x near 1e160, so both need data near 1.
+    beta = solution_scale(Q, q, G, h, A, b)
+    if beta is not None:
+        q, h, b = q / beta, h / beta, b / beta
     pb = _equilibrate(Q, q, G, h, A, b)
 
     ns = _null_space(pb.A) if p and m and (4 * p >= n or n + p <= _SMALL) else None
@@ -747,14 +753,47 @@ def _solve_qp(
         dual_residual=res.dres.flatten(),
         gap=res.gap.flatten(),
     )
-    return QPSolution(
-        x=pt.x.squeeze(-1),
-        lam=(pt.lam / pb.gs).squeeze(-1),
-        nu=(pt.nu / pb.as_).squeeze(-1),
-        slack=(pt.s * pb.gs).squeeze(-1),
-        info=info,
-        _nullspace=ns,
-    )
+    x, lam = pt.x.squeeze(-1), (pt.lam / pb.gs).squeeze(-1)
+    nu, slack = (pt.nu / pb.as_).squeeze(-1), (pt.s * pb.gs).squeeze(-1)
+    if beta is not None:
+        x, lam, nu, slack = x * beta, lam * beta, nu * beta, slack * beta
+    return QPSolution(x=x, lam=lam, nu=nu, slack=slack, info=info, _nullspace=ns)
+
+
+# Data whose size is within 2**+-30 of 1 are solved as they are.
+_SCALE_WINDOW = 2.0**30
+
+
+def solution_scale(
+    Q: Tensor, q: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor
+) -> Tensor | None:
+    """``(B, 1)`` powers of two ``beta`` near each element's data size
+    ``max(|q| / max(1, max|diag Q|), |h_i| / |G_i|, |b_i| / |A_i|)`` where that size is beyond
+    ``2**+-30`` (1 elsewhere), or None when no element needs one.
+
+    With ``x = beta y`` the QP in ``y`` has data ``(Q, q / beta, G, h / beta, A, b / beta)``
+    (the objective divided by ``beta**2``) and duals ``lam / beta``, ``nu / beta``: data of
+    order 1, where the residual tests (which add 1 to data norms) and products like ``x'Qx``
+    (which overflow near 1e160) work. Powers of two make the divisions exact. Absent
+    constraints are ``(B, 0, n)`` / ``(B, 0)`` tensors.
+    """
+    tiny = torch.finfo(q.dtype).tiny
+    zero = q.new_zeros(q.shape[0])
+
+    def ratio(rhs: Tensor, M: Tensor) -> Tensor:
+        if rhs.shape[-1] == 0:
+            return zero
+        norm = M.norm(dim=-1)
+        return torch.where(norm > 0, rhs.abs() / norm.clamp_min(tiny), 0.0).amax(-1)
+
+    qd = Q.diagonal(dim1=-2, dim2=-1).abs().amax(-1)
+    size = q.abs().amax(-1) / qd.clamp_min(1.0)
+    size = torch.maximum(size, torch.maximum(ratio(h, G), ratio(b, A)))
+    far = (size > _SCALE_WINDOW) | ((size > 0) & (size < 1 / _SCALE_WINDOW))
+    if not bool(far.any()):
+        return None
+    beta = torch.where(far, torch.exp2(torch.round(torch.log2(size.clamp_min(tiny)))), 1.0)
+    return beta.unsqueeze(-1)
 
 
 def _classify_failures(pb: _Scaled, status: Tensor) -> None:

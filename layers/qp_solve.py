@@ -29,6 +29,7 @@ from layers.qp_ipm import (
     STATUS_NAMES,
     QPSolution,
     kkt_residuals,
+    solution_scale,
     solve_qp,
     solve_qp_differentiable,
 )
@@ -159,12 +160,17 @@ def _advice(prob: QPProblem) -> Callable[[], str]:
 
 
 def _kkt_worst(prob: QPProblem, x: Tensor, lam: Tensor, nu: Tensor) -> Tensor:
-    """``(B,)``: the largest relative KKT residual of each element's answer."""
+    """``(B,)``: the largest relative KKT residual of each element's answer, measured with the
+    data at unit scale (:func:`~layers.qp_ipm.solution_scale`, as the solver sees them), so that
+    huge solutions do not overflow the objective."""
     with torch.no_grad():
         Qs = 0.5 * (prob.Q + prob.Q.mT)
-        res = kkt_residuals(
-            Qs, prob.q, prob.G, prob.h, prob.A, prob.b, x.detach(), lam.detach(), nu.detach()
-        )
+        q, h, b = prob.q, prob.h, prob.b
+        x, lam, nu = x.detach(), lam.detach(), nu.detach()
+        beta = solution_scale(Qs, q, prob.G, h, prob.A, b)
+        if beta is not None:
+            q, h, b, x, lam, nu = (t / beta for t in (q, h, b, x, lam, nu))
+        res = kkt_residuals(Qs, q, prob.G, h, prob.A, b, x, lam, nu)
     return torch.stack(res).amax(0)
 
 

@@ -253,6 +253,15 @@ def _lp_scores(x: torch.Tensor, eps: float) -> torch.Tensor:
     return compress_gaps(x, 2.0 * eps) / eps
 
 
+def _empty_batch(x: torch.Tensor, dtype: torch.dtype, square: bool) -> torch.Tensor:
+    """The output for scores ``x (..., n)`` with no elements (an empty batch), made without a
+    solve: ``(..., n)`` or, with ``square``, ``(..., n, n)``; its gradient to ``x`` is zero."""
+    out = x * 0
+    if square:
+        out = out.unsqueeze(-2).expand(*x.shape[:-1], x.shape[-1], x.shape[-1])
+    return out.to(dtype)
+
+
 def _topk_targets(n: int, ks: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """``(len(ks), n)``: row ``j`` is ``(1, ..., 1, 0, ..., 0)`` with ``ks[j]`` ones."""
     j = torch.arange(n, device=ref.device)
@@ -289,6 +298,8 @@ def soft_sort(
     eps = check_strength(regularization_strength)
     check_lp_backend(backend)
     x = upcast_half(values)
+    if x.numel() == 0:  # an empty batch: nothing to solve
+        return _empty_batch(x, values.dtype, square=False)
     sign = 1.0 if descending else -1.0
     rho = torch.arange(n, 0, -1, dtype=x.dtype, device=x.device) / eps
     out = sign * _project_permutahedron(rho.expand_as(x), sign * x, backend, z_sorted=True)
@@ -327,6 +338,8 @@ def soft_rank(
     eps = check_strength(regularization_strength)
     check_lp_backend(backend)
     x = upcast_half(values)
+    if x.numel() == 0:  # an empty batch: nothing to solve
+        return _empty_batch(x, values.dtype, square=False)
     sign = -1.0 if descending else 1.0
     rho = torch.arange(n, 0, -1, dtype=x.dtype, device=x.device)
     out = _project_permutahedron(sign * x / eps, rho, backend, w_sorted=True)
@@ -365,6 +378,8 @@ def lp_topk(
     eps = check_strength(regularization_strength)
     check_lp_backend(backend)
     x = upcast_half(scores)
+    if x.numel() == 0:  # an empty batch: nothing to solve
+        return _empty_batch(x, scores.dtype, square=False)
     if k == n:  # the feasible set is one point
         y = torch.ones_like(x) + 0 * x
     elif backend == "native":
@@ -416,6 +431,8 @@ def lp_permutahedron_sort(
     eps = check_strength(regularization_strength)
     check_lp_backend(backend)
     x = upcast_half(scores)
+    if x.numel() == 0:  # an empty batch: nothing to solve
+        return _empty_batch(x, scores.dtype, square=True)
     P = _nested_topk_matrix(x, eps, backend) if n > 1 else x[..., None] * 0 + 1
     P = straight_through(hard_permutation(x), P) if hard else P
     return P.to(scores.dtype)
@@ -446,6 +463,8 @@ def lp_birkhoff_sort(
     eps = check_strength(regularization_strength)
     check_lp_backend(backend)
     x = upcast_half(scores)
+    if x.numel() == 0:  # an empty batch: nothing to solve
+        return _empty_batch(x, scores.dtype, square=True)
     t = _lp_scores(x, eps)
     if n == 1:
         P = x[..., None] * 0 + 1
@@ -476,6 +495,8 @@ def lp_permutahedron_topk(
     eps = check_strength(regularization_strength)
     check_lp_backend(backend)
     x = upcast_half(scores)
+    if x.numel() == 0:  # an empty batch: nothing to solve
+        return _empty_batch(x, scores.dtype, square=False)
     if k == n:
         y = torch.ones_like(x) + 0 * x
     elif backend == "native":  # the same projection as lp_topk's (and as this relaxation's rows)
