@@ -115,7 +115,11 @@ def check_positive(name: str, value: float | torch.Tensor) -> None:
     """``value`` (a number or tensor) is finite and > 0."""
     if isinstance(value, torch.Tensor):
         check_not_meta(name, value)
-    v = value.detach() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
+    v = (
+        value.detach()
+        if isinstance(value, torch.Tensor)
+        else torch.tensor(float(value), dtype=torch.float64)
+    )
     if not torch.isfinite(v).all() or (v <= 0).any():
         raise ValueError(f"{name} must be > 0 and finite, got {value}")
 

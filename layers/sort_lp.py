@@ -239,10 +239,25 @@ def _project_permutahedron(
         return w_sorted + 0 * s
     y = s - w_sorted
     # Isotonic regression is positively homogeneous, so solve at unit scale (better conditioned
-    # for the solvers) and scale back; the scale's gradient is exactly zero, hence detached.
+    # for the solvers) and scale back. Its Jacobian does not depend on the scale, so gradients
+    # pass the scaling unchanged (a cotangent times 1e300 would overflow inside the solver).
     scale = y.detach().abs().amax(-1, keepdim=True).clamp_min(torch.finfo(y.dtype).tiny)
-    v = scale * _qp_layer("isotonic", n, 0, backend).solve(y / scale)
+    unit = _ScaleForward.apply(y, 1.0 / scale)
+    v = _ScaleForward.apply(_qp_layer("isotonic", n, 0, backend).solve(unit), scale)
     return torch.zeros_like(s).scatter(-1, order, s - v)
+
+
+class _ScaleForward(torch.autograd.Function):
+    """``x * factor`` forward, the identity backward: for a positively homogeneous map ``f``,
+    ``f(x) = c f(x / c)`` with the same Jacobian at ``x`` and ``x / c``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return x * factor
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return g, None
 
 
 def _lp_scores(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -342,7 +357,11 @@ def soft_rank(
         return _empty_batch(x, values.dtype, square=False)
     sign = -1.0 if descending else 1.0
     rho = torch.arange(n, 0, -1, dtype=x.dtype, device=x.device)
-    out = _project_permutahedron(sign * x / eps, rho, backend, w_sorted=True)
+    # The projection never pools across a gap in the scores wider than the spread of rho
+    # (n - 1) and is invariant to shifting a cluster between such gaps: compressing them to 2 n
+    # keeps the solution and keeps huge scores (1e30) small for the solvers.
+    z = compress_gaps(sign * x, 2.0 * n * eps) / eps
+    out = _project_permutahedron(z, rho, backend, w_sorted=True)
     if hard:  # position in the stable order of sign * values, ascending, from 1
         order = torch.sort(sign * x, dim=-1, stable=True).indices
         pos = torch.arange(1, n + 1, dtype=x.dtype, device=x.device).expand_as(x)
