@@ -8,13 +8,15 @@ one clear error, never NaN, Inf or garbage. Tensor inputs go through :func:`chec
 
 * **NaN / Inf**: ``ValueError`` naming the argument and the count ("scores has 1 NaN/Inf
   entries; clean the input before this layer").
-* **Huge finite values**: the right result, computed safely: the sort relaxations are shift
-  invariant and cap score gaps too wide to matter (:func:`layers._sort_common.compress_gaps`);
-  NeuralSort / Sinkhorn compute in float64 when float32 logits would overflow; the nearest
-  neighbours are found in rescaled coordinates. Where the result itself overflows the dtype
-  (squared distances) or a solver cannot reach its relative accuracy on such data, a
-  ``ValueError`` or :class:`SolverError` says that the values are too large and to rescale them
-  (:func:`scale_advice`).
+* **Huge finite values** (1e30 in float32, 1e300 in float64): the right result, computed
+  safely. The LP sort relaxations are shift invariant and narrow score gaps too wide to matter
+  (:func:`layers._sort_common.compress_gaps`); NeuralSort and Sinkhorn compute in float64 when
+  float32 logits would overflow; nearest neighbours are found in coordinates rescaled by a
+  power of two; ``torch-ipm`` solves QP data far from unit size as ``x = beta y`` and TV
+  certificates are computed at unit scale. Where the result itself overflows (squared
+  distances, NeuralSort logits beyond float64) a ``ValueError`` says so and what to do; where a
+  solver cannot reach its relative accuracy on such data (cvxpylayers backends, qpth) its
+  :class:`SolverError` ends with :func:`scale_advice` (rescale the data to order 1).
 * **float16 / bfloat16**: computed in float32 (float64 in the QP, TV and CVXPY solvers) and
   returned in the input's dtype.
 * **integer / bool dtype**: ``TypeError`` saying to convert (``.float()``); kNN labels, which

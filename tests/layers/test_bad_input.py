@@ -689,3 +689,46 @@ def test_huge_cvxpy_parameters(name: str, scale: float, dtype: torch.dtype) -> N
     else:
         assert out.dtype == dtype and torch.allclose(out.double() / scale, want / scale, atol=1e-5)
     assert torch.allclose(spec.call(b.float()).double(), spec.one([b]), atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# The fixes named in the issue
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not HAS_QPTH, reason="qpth is not installed")
+def test_qpth_names_exactly_the_infeasible_element() -> None:
+    """qpth solves the batch as one system, so element 1 (x0 <= -1 and x0 >= 1) spoiled element
+    0's answer too and ``failed`` was [0, 1]; torch-ipm names [1], and now qpth does too."""
+    q, Q, G, h = _qp_data(3, 3, torch.float64)
+    G = torch.cat([G, torch.eye(3, dtype=torch.float64)[:2].expand(3, 2, 3)], 1)
+    h = torch.cat([h, torch.full((3, 2), 10.0, dtype=torch.float64)], 1)  # x0, x1 <= 10
+    G[1, 3], h[1, 2:] = -G[1, 2], -1.0  # element 1: x0 <= -1 and x0 >= 1
+    for backend in ("torch-ipm", "qpth"):
+        with pytest.raises(SolverError, match=r"elements \[1\]") as err:
+            qp(Q, q, G, h, backend=backend)
+        assert err.value.failed == [1], backend
+    assert torch.isfinite(qp(Q[[0, 2]], q[[0, 2]], G[[0, 2]], h[[0, 2]], backend="qpth")).all()
+
+
+def test_optnet_computes_half_precision_in_float32() -> None:
+    """OptNetQP's parameters are float32: float16 input gave an addmv dtype error, float64
+    input one from its float32 G; now the data are built in float32 (float64) and the
+    output comes back in the input's dtype."""
+    q = _qp_data(2, 3, torch.float32)[0]
+    ref = _optnet(3)(q)
+    for dtype in HALF:
+        x = _optnet(3)(q.to(dtype))
+        assert x.dtype == dtype and torch.allclose(x.float(), ref, atol=2e-2)
+    assert _optnet(3)(q.double()).dtype == torch.float64
+
+
+def test_moreau_recovers_after_a_failed_solve() -> None:
+    """A failed moreau solve left its cached solver broken: every later call failed too."""
+    if not HAS_MOREAU:
+        pytest.skip("moreau is not installed")
+    layer = _cvx_layer("ls", 3, "moreau")
+    b = _scores(2, 3, torch.float64)[0]
+    with pytest.raises(SolverError):
+        layer(b * 1e300)
+    assert torch.allclose(layer(b)[0], b, atol=1e-6)
