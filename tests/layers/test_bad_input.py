@@ -43,6 +43,7 @@ from layers import (
     tv_denoise,
     tv_denoise_2d,
 )
+from layers.sort_lp import LP_SORT_BACKENDS
 
 QP = importlib.import_module("layers.qp")  # the module (``layers.qp`` is the function)
 TV = importlib.import_module("layers.tv")
@@ -65,7 +66,8 @@ class Spec:
     ``make(B, n, dtype)`` builds its inputs; input 0 is the one the bad values go into, named
     ``arg`` in messages. ``call(*inputs)`` returns the output checked. ``out_shape(B, n)`` is
     that output's shape. ``one(inputs)`` is the right output for ``n = 1``. ``floats`` are the
-    inputs converted to half precision (and the ones ``requires_grad`` is set on: the first).
+    inputs converted to half precision; gradients are checked for input 0 (unless tagged
+    "no-grad").
     ``n0``: "error" (ValueError), "empty" (an empty result) or "construct" (the sizes are fixed
     when the layer is built). ``solvers()``: the ``(object, attribute)`` pairs that a batch of
     size 0 must not reach. ``wrong()``: inputs of a wrong shape, given to ``wrong_call`` (default
@@ -101,8 +103,8 @@ def _sort_spec(
     one: Callable[[Tensor], Tensor],
     tags: Sequence[str] = (),
 ) -> Spec:
-    """A sort relaxation of scores ``(B, n)``; ``out``: "P" (``(B, n, n)``), "v" (``(B, n)``)
-    or "SP" (``(1, B, n, n)``, a leading sample dim)."""
+    """A sort relaxation of scores ``(B, n)``; ``out``: "P" (``(B, n, n)``), "v" (``(B, n)``),
+    or "SP" / "Sv" (the same with a leading sample dim of 1)."""
     shapes = {
         "P": lambda B, n: (B, n, n),
         "v": lambda B, n: (B, n),
@@ -132,7 +134,10 @@ def _ones_matrix(x: Tensor) -> Tensor:
     return torch.ones(*x.shape, 1, dtype=x.dtype)
 
 
-def _values_spec(fn: Callable[[Tensor], Tensor], one: Callable[[Tensor], Tensor], tags=()) -> Spec:
+def _values_spec(
+    fn: Callable[[Tensor], Tensor], one: Callable[[Tensor], Tensor], tags: Sequence[str] = ()
+) -> Spec:
+    """soft_sort / soft_rank: ``(B, n)`` values in, ``(B, n)`` out."""
     spec = _sort_spec(fn, "v", one, tags)
     return Spec(**{**spec.__dict__, "arg": "values"})
 
@@ -497,6 +502,45 @@ def test_empty_batch_gives_empty_outputs_without_a_solve(
         assert xs[0].grad is not None and xs[0].grad.shape == xs[0].shape
 
 
+_MISSING = {"qpth": not HAS_QPTH, "moreau": not HAS_MOREAU}
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [
+        pytest.param(
+            b, marks=pytest.mark.skipif(_MISSING.get(b, False), reason=f"{b} is not installed")
+        )
+        for b in LP_SORT_BACKENDS
+    ],
+)
+def test_empty_batch_on_every_lp_sort_backend(
+    backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every LP sort on every backend answers B = 0 with empty outputs, without a solve."""
+    for obj, attr in _lp_solvers():
+        monkeypatch.setattr(obj, attr, _no_solve)
+    calls = {
+        (0, 3): [
+            lambda s: lp_topk(s, 1, backend=backend),
+            lambda s: soft_sort(s, backend=backend),
+            lambda s: soft_rank(s, backend=backend),
+            lambda s: get_sort("lp-permutahedron", backend=backend).topk(s, 2),
+        ],
+        (0, 3, 3): [
+            lambda s: lp_permutahedron_sort(s, backend=backend),
+            lambda s: lp_birkhoff_sort(s, backend=backend),
+        ],
+    }
+    for shape, fns in calls.items():
+        for fn in fns:
+            x = torch.randn(0, 3, dtype=torch.float64, requires_grad=True)
+            out = fn(x)
+            assert out.shape == shape and out.dtype == torch.float64
+            out.sum().backward()
+            assert x.grad is not None and x.grad.shape == (0, 3)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_no_items_say_at_least_one_is_needed(name: str) -> None:
     spec = SPECS[name]
@@ -723,10 +767,9 @@ def test_optnet_computes_half_precision_in_float32() -> None:
     assert _optnet(3)(q.double()).dtype == torch.float64
 
 
+@pytest.mark.skipif(not HAS_MOREAU, reason="moreau is not installed")
 def test_moreau_recovers_after_a_failed_solve() -> None:
     """A failed moreau solve left its cached solver broken: every later call failed too."""
-    if not HAS_MOREAU:
-        pytest.skip("moreau is not installed")
     layer = _cvx_layer("ls", 3, "moreau")
     b = _scores(2, 3, torch.float64)[0]
     with pytest.raises(SolverError):
