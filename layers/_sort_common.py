@@ -1,7 +1,10 @@
 """Checks and small helpers shared by the sort relaxations (:mod:`layers.sort`,
-:mod:`layers.sort_lp`): argument checks, centring, the exact sort and straight-through."""
+:mod:`layers.sort_lp`): argument checks, centring, gap compression, the exact sort and
+straight-through."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -12,6 +15,7 @@ __all__ = [
     "check_k",
     "check_scores",
     "check_strength",
+    "compress_gaps",
     "descending_order",
     "hard_permutation",
     "hard_topk",
@@ -23,7 +27,7 @@ __all__ = [
 
 def check_scores(scores: torch.Tensor, name: str = "scores") -> int:
     """``scores`` is a finite floating tensor ``(..., n)`` with ``n >= 1``; returns ``n``."""
-    check_tensor(name, scores, min_dim=1)
+    check_tensor(name, scores, min_dim=1, expected="(..., n)")
     n = scores.shape[-1]
     if n < 1:
         raise ValueError(
@@ -57,6 +61,46 @@ def centred(scores: torch.Tensor) -> torch.Tensor:
     """``scores`` minus their mean. Every relaxation here is invariant to a common shift; centring
     keeps logits and solver data small (the mean is detached: its gradient is zero anyway)."""
     return scores - scores.detach().mean(-1, keepdim=True)
+
+
+class _CompressGaps(torch.autograd.Function):
+    """The forward of :func:`compress_gaps`; its backward is the identity (see there)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, cap: float) -> torch.Tensor:  # type: ignore[override]
+        n = x.shape[-1]
+        s, order = torch.sort(x, dim=-1, descending=True, stable=True)
+        brk = (s[..., :-1] - s[..., 1:]) > cap  # an overflowing gap (inf) is a break too
+        first = torch.ones(*brk.shape[:-1], 1, dtype=torch.bool, device=x.device)
+        start = torch.cat([first, brk], -1)  # the first entry of each cluster
+        pos = torch.arange(n, device=x.device).expand(s.shape)
+        head = torch.where(start, pos, 0).cummax(-1).values
+        within = s - s.gather(-1, head)  # <= 0, one rounding: exact differences in a cluster
+        step = torch.zeros_like(s)
+        step[..., 1:] = torch.where(brk, within[..., :-1] - cap, 0.0)
+        out = within + step.cumsum(-1)
+        return torch.empty_like(x).scatter_(-1, order, out)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return g, None
+
+
+def compress_gaps(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """``x (..., n)`` shifted and with every gap wider than ``cap`` between neighbours in sorted
+    order narrowed to ``cap``: the largest entry becomes 0 and the rest lie in
+    ``[-(n - 1) cap, 0]``, in the same order, with differences inside a cluster (a run of gaps
+    ``<= cap``) kept exactly (one rounding).
+
+    The regularized LP relaxations depend on their scores only through such differences: with
+    ``cap >= eps`` (the regularization strength; callers use ``2 eps``) no free entry of a
+    top-k projection, and no row of the Birkhoff projection, reaches across a wider gap, so the
+    solution is unchanged, and each cluster is invariant to its own shift. Scores like 1e30 or
+    1e300, whose differences would swamp ``eps`` or overflow, are solved exactly this way.
+    The gradient is passed through unchanged: the solvers' gradients sum to zero over each
+    cluster, so the shifts (functions of the scores) contribute nothing.
+    """
+    return _CompressGaps.apply(x, cap)
 
 
 def descending_order(scores: torch.Tensor) -> torch.Tensor:

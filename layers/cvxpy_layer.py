@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from layers._checks import SolverError
+from layers._checks import SolverError, check_tensor, empty_outputs, scale_advice
 from layers.backends import (
     BACKENDS,
     CLARABEL_AGREE,
@@ -415,6 +415,13 @@ class CvxpyProblemLayer(torch.nn.Module):
         check_settings(settings)
         from cvxpylayers.torch import CvxpyLayer
 
+        empty = [e for e in [*problem.variables(), *problem.parameters()] if e.size == 0]
+        if empty:
+            raise ValueError(
+                f"{type(empty[0]).__name__.lower()} {empty[0].name()} has shape "
+                f"{empty[0].shape}: the problem needs at least one entry in each variable and "
+                "parameter"
+            )
         if isinstance(solver, str) and solver in BACKENDS and backend == "auto":
             backend, solver = solver, None  # positional backend name (the old signature)
         _check_quad_forms(problem)
@@ -454,6 +461,10 @@ class CvxpyProblemLayer(torch.nn.Module):
                 verbose=verbose,
                 solver_args=init_args,
             )
+        self.param_names = [f"parameter {i} ({p.name()})" for i, p in enumerate(parameters)]
+        self.param_shapes = [tuple(p.shape) for p in parameters]
+        self.param_ndims = [len(p.shape) for p in parameters]
+        self.out_shapes = [tuple(v.shape) for v in variables]
 
     def _check_cones(self, problem: cp.Problem, gp: bool) -> None:
         """Refuse, naming the backends that can, a problem this backend cannot take."""
@@ -485,10 +496,26 @@ class CvxpyProblemLayer(torch.nn.Module):
         for i, p in enumerate(params):
             if not isinstance(p, torch.Tensor):
                 raise TypeError(f"parameter {i} must be a torch.Tensor, got {type(p).__name__}")
-        self.layer.ctx.validate_params(list(params))  # ValueError for bad counts and shapes
+        try:
+            self.layer.ctx.validate_params(list(params))  # ValueError for bad counts and shapes
+        except ValueError as err:
+            given = [tuple(p.shape) for p in params]
+            want = [tuple(s) for s in self.param_shapes]
+            raise ValueError(
+                f"{err}; got shapes {given}, expected {want} (each with an optional leading "
+                "batch dim)"
+            ) from None
+        for name, p in zip(self.param_names, params):
+            check_tensor(name, p, min_dim=0)
         dtype, device = params[0].dtype, params[0].device
-        if not dtype.is_floating_point:
-            dtype = torch.get_default_dtype()
+        sizes = {p.shape[0] for p, d in zip(params, self.param_ndims) if p.dim() > d}
+        if len(sizes) > 1:
+            raise ValueError(
+                f"batch sizes differ: {sorted(sizes)}; give every batched parameter the same "
+                "leading size (unbatched ones are broadcast)"
+            )
+        if sizes == {0}:  # an empty batch: nothing to solve
+            return empty_outputs(params, [(0, *sh) for sh in self.out_shapes], dtype, device)
         needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
         call_args = _translate_args(self.backend.name, dict(solver_args or {}))
         args: dict[str, Any] = dict(call_args)
@@ -512,12 +539,20 @@ class CvxpyProblemLayer(torch.nn.Module):
                 out = self.layer(*p64, solver_args=args)
                 if moreau:
                     self._check_moreau(device)
-        except SolverError:
-            raise
         except Exception as err:  # solvers raise many types
+            if moreau:  # a failed solve can leave moreau's solver unusable for the next call
+                sctx = self.layer.ctx.solver_ctx
+                sctx._torch_solver_cpu = sctx._torch_solver_cuda = None
+            advice = scale_advice(dict(zip(self.param_names, params)))
+            if isinstance(err, SolverError):
+                if advice and advice not in str(err):
+                    msg = str(err).rstrip(". ")
+                    raise SolverError(f"{msg}. {advice}", err.failed) from err
+                raise
             msg = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), "")
             raise SolverError(
                 f"backend {self.backend.name!r} failed: {type(err).__name__}: {msg}"
+                + (f". {advice}" if advice else "")
             ) from err
         out = tuple(o.to(dtype=dtype, device=device) for o in out)
         if not needs_grad:  # moreau's outputs carry a graph even then
@@ -619,6 +654,7 @@ def _qp_interface(backend: str, settings: str, solver_args: dict[str, Any]) -> A
                     solver_args=dict(solver_args),
                     check=True,
                     check_tol=None,
+                    advise=False,  # the layer advises on its own parameters
                 )
                 x, lam, nu = (t.to(dtype=prob.dtype, device=prob.device) for t in (x, lam, nu))
             dual = torch.cat([nu, lam], -1)

@@ -2,36 +2,56 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import torch
 
-from layers._checks import check_finite
+from layers._checks import check_not_meta, check_tensor
+from layers._sort_common import upcast_half
 from layers.sort import SortRelaxation, get_sort
 
 __all__ = ["DKNN", "knn_vote", "nearest_neighbors", "pairwise_sq_dists"]
 
+# Inputs beyond this magnitude are rescaled by a power of two before their squared distances are
+# taken (exact), so the nearest neighbours of huge but finite points are still found.
+_RESCALE_ABOVE = 2.0**40
 
-def _check_no_overflow(d: torch.Tensor, *inputs: torch.Tensor) -> None:
-    """Finite inputs whose squared distances overflow the dtype get their own message."""
-    if not bool(torch.isfinite(d).all()):
-        top = max(float(t.abs().max()) for t in inputs if t.numel())
+
+def _check_points(
+    qname: str, queries: torch.Tensor, cname: str, candidates: torch.Tensor, qshape: str
+) -> None:
+    """Two finite floating point sets with the same number of features."""
+    check_tensor(qname, queries, min_dim=2, expected=qshape)
+    check_tensor(cname, candidates, min_dim=2, expected="(..., n, d)")
+    if queries.shape[-1] != candidates.shape[-1]:
         raise ValueError(
-            f"squared distances overflow {d.dtype} (inputs up to |x| = {top:.3g}); scale the "
-            "inputs down or use float64"
+            f"expected {qname} {qshape} and {cname} with the same number of features d (last "
+            f"dim), got {tuple(queries.shape)} and {tuple(candidates.shape)}"
         )
 
 
-def pairwise_sq_dists(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Squared Euclidean distances ``(m, d), (n, d) -> (m, n)``, clamped at 0.
+def _check_no_overflow(d: torch.Tensor, *inputs: torch.Tensor) -> None:
+    """Finite inputs whose (squared) distances overflow the dtype get their own message."""
+    if not bool(torch.isfinite(d).all()):
+        top = max(float(t.abs().max()) for t in inputs if t.numel())
+        fix = "scale the inputs down" + ("" if d.dtype == torch.float64 else " or use float64")
+        raise ValueError(f"distances overflow {d.dtype} (inputs up to |x| = {top:.3g}); {fix}")
 
-    Raises ``ValueError`` for NaN/Inf inputs and for finite inputs whose distances overflow.
+
+def pairwise_sq_dists(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Squared Euclidean distances ``(..., m, d), (..., n, d) -> (..., m, n)``, clamped at 0.
+
+    Half precision is computed in float32 and returned in its own dtype. Raises ``ValueError``
+    for NaN/Inf inputs, mismatched shapes and finite inputs whose distances overflow the dtype;
+    ``TypeError`` for integer inputs. Empty sets give an empty matrix.
     """
-    check_finite("x", x)
-    check_finite("y", y)
-    d = x.pow(2).sum(-1, keepdim=True) - 2.0 * (x @ y.transpose(-1, -2)) + y.pow(2).sum(-1)
+    _check_points("x", x, "y", y, "(..., m, d)")
+    xf, yf = upcast_half(x), upcast_half(y)
+    d = xf.pow(2).sum(-1, keepdim=True) - 2.0 * (xf @ yf.transpose(-1, -2)) + yf.pow(2).sum(-1)
+    d = (d.clamp_min_(0.0) if not d.requires_grad else d.clamp_min(0.0)).to(x.dtype)
     _check_no_overflow(d, x, y)
-    return d.clamp_min_(0.0) if not d.requires_grad else d.clamp_min(0.0)
+    return d
 
 
 @torch.no_grad()
@@ -45,41 +65,58 @@ def nearest_neighbors(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` nearest candidates of every query, by Euclidean distance.
 
-    Queries are processed ``chunk_size`` at a time, so memory stays ``O(chunk_size * n)``.
+    Queries are processed ``chunk_size`` at a time, so memory stays ``O(chunk_size * n)``. Half
+    precision is computed in float32; points beyond ``2**40`` in magnitude are rescaled by a
+    power of two first (exact), so huge finite inputs still give their neighbours.
 
     Args:
-        queries: ``(m, d)``; candidates: ``(n, d)`` on the same device.
+        queries: ``(m, d)`` (``m`` may be 0); candidates: ``(n, d)``, ``n >= 1``, on the same
+            device.
         k: number of neighbours, ``1 <= k <= n``.
         progress: show a progress bar (a string is used as its label).
 
     Returns:
-        ``(distances, indices)``, both ``(m, k)``, nearest first.
+        ``(distances, indices)``, both ``(m, k)``, nearest first; distances in the queries'
+        dtype.
     """
-    if queries.dim() != 2 or candidates.dim() != 2 or queries.shape[1] != candidates.shape[1]:
+    _check_points("queries", queries, "candidates", candidates, "(m, d)")
+    if queries.dim() != 2 or candidates.dim() != 2:
         raise ValueError(
             f"expected queries (m, d) and candidates (n, d), got {tuple(queries.shape)} and "
             f"{tuple(candidates.shape)}"
         )
     n = candidates.shape[0]
-    if not 1 <= k <= n:
-        raise ValueError(f"k must be in 1..{n} (the number of candidates), got {k}")
-    check_finite("queries", queries)
-    check_finite("candidates", candidates)
-    cand_sq = candidates.pow(2).sum(-1)
+    if n == 0:
+        raise ValueError(
+            f"candidates has shape {tuple(candidates.shape)}: at least one candidate is needed"
+        )
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
+        raise ValueError(f"k must be in 1..{n} (the number of candidates), got {k!r}")
+    qf, cf = upcast_half(queries), upcast_half(candidates)
+    top = max((float(t.abs().max()) for t in (qf, cf) if t.numel()), default=0.0)
+    scale = 1.0
+    if top > _RESCALE_ABOVE:  # a power of two: the rescaled coordinates are exact
+        scale = 2.0 ** math.floor(math.log2(top))
+        qf, cf = qf / scale, cf / scale
+    cand_sq = cf.pow(2).sum(-1)
     dists, idxs = [], []
-    starts = range(0, queries.shape[0], chunk_size)
+    starts = range(0, qf.shape[0], chunk_size)
     if progress:
         from tqdm.auto import tqdm
 
         starts = tqdm(starts, desc=progress if isinstance(progress, str) else "kNN", leave=False)
     for s in starts:
-        q = queries[s : s + chunk_size]
-        d = q.pow(2).sum(-1, keepdim=True) - 2.0 * (q @ candidates.T) + cand_sq
-        _check_no_overflow(d, q, candidates)
-        top = torch.topk(d, k, dim=1, largest=False, sorted=True)
-        dists.append(top.values.clamp_min_(0.0).sqrt_())
-        idxs.append(top.indices)
-    return torch.cat(dists), torch.cat(idxs)
+        q = qf[s : s + chunk_size]
+        d = q.pow(2).sum(-1, keepdim=True) - 2.0 * (q @ cf.T) + cand_sq
+        top_k = torch.topk(d, k, dim=1, largest=False, sorted=True)
+        dists.append(top_k.values.clamp_min_(0.0).sqrt_())
+        idxs.append(top_k.indices)
+    if not dists:  # no queries
+        dists.append(qf.new_zeros(0, k))
+        idxs.append(torch.zeros(0, k, dtype=torch.long, device=qf.device))
+    dist = (torch.cat(dists) * scale).to(queries.dtype)
+    _check_no_overflow(dist, queries, candidates)
+    return dist, torch.cat(idxs)
 
 
 def knn_vote(
@@ -92,20 +129,49 @@ def knn_vote(
 
     ``uniform`` counts each neighbour once; ``distance`` weights it by 1 / distance (a neighbour at
     distance 0 takes the vote alone), as scikit-learn's ``KNeighborsClassifier``. Ties go to the
-    smallest label.
+    smallest label. Labels must be integers in ``0..num_classes-1``; half-precision distances are
+    weighted in float32.
     """
-    check_finite("neighbor_dists", neighbor_dists)
-    if weighting == "uniform":
-        w = torch.ones_like(neighbor_dists)
-    elif weighting == "distance":
-        zero = neighbor_dists <= 0
-        w = torch.where(
-            zero.any(1, keepdim=True), zero.to(neighbor_dists.dtype), 1.0 / neighbor_dists
+    check_not_meta("neighbor_labels", neighbor_labels)
+    if (
+        neighbor_labels.is_floating_point()
+        or neighbor_labels.is_complex()
+        or (neighbor_labels.dtype == torch.bool)
+    ):
+        raise TypeError(
+            f"neighbor_labels must be an integer tensor, got dtype {neighbor_labels.dtype}; "
+            "use .long()"
         )
+    check_tensor("neighbor_dists", neighbor_dists, dims=(2,), expected="(m, k)")
+    if neighbor_labels.shape != neighbor_dists.shape:
+        raise ValueError(
+            f"neighbor_labels has shape {tuple(neighbor_labels.shape)} but neighbor_dists "
+            f"{tuple(neighbor_dists.shape)}; both must be (m, k)"
+        )
+    if neighbor_dists.shape[1] == 0:
+        raise ValueError(
+            f"neighbor_dists has shape {tuple(neighbor_dists.shape)}: at least one neighbour "
+            "(k >= 1) is needed"
+        )
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
+    if neighbor_labels.numel() and not (
+        0 <= int(neighbor_labels.min()) and int(neighbor_labels.max()) < num_classes
+    ):
+        raise ValueError(
+            f"neighbor_labels must be in 0..{num_classes - 1} (num_classes={num_classes}), got "
+            f"values in {int(neighbor_labels.min())}..{int(neighbor_labels.max())}"
+        )
+    dists = upcast_half(neighbor_dists)
+    if weighting == "uniform":
+        w = torch.ones_like(dists)
+    elif weighting == "distance":
+        zero = dists <= 0
+        w = torch.where(zero.any(1, keepdim=True), zero.to(dists.dtype), 1.0 / dists)
     else:
         raise ValueError(f"weighting must be 'uniform' or 'distance', got {weighting!r}")
     votes = torch.zeros(neighbor_labels.shape[0], num_classes, dtype=w.dtype, device=w.device)
-    votes.scatter_add_(1, neighbor_labels, w)
+    votes.scatter_add_(1, neighbor_labels.long(), w)
     return votes.argmax(1)
 
 
@@ -141,7 +207,17 @@ class DKNN(torch.nn.Module):
 
     def forward(self, queries: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """Relaxed top-k membership: ``(M, d), (N, d) -> (M, N)`` (or ``(S, M, N)`` for a
-        stochastic relaxation with ``S`` samples); each row sums to ``k``."""
+        stochastic relaxation with ``S`` samples); each row sums to ``k``. ``M`` may be 0."""
+        _check_points("queries", queries, "candidates", candidates, "(M, d)")
+        if queries.dim() != 2 or candidates.dim() != 2:
+            raise ValueError(
+                f"expected queries (M, d) and candidates (N, d), got {tuple(queries.shape)} and "
+                f"{tuple(candidates.shape)}"
+            )
+        if candidates.shape[0] == 0:
+            raise ValueError(
+                f"candidates has shape {tuple(candidates.shape)}: at least one candidate is needed"
+            )
         if candidates.shape[0] < self.k:
             raise ValueError(
                 f"k={self.k} is larger than the {candidates.shape[0]} candidates; "

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from layers._checks import SolverError, check_positive
+from layers._checks import SolverError, check_positive, check_tensor, empty_outputs
 from layers.backends import check_settings, get_backend
 from layers.cvxpy_layer import CvxpyProblemLayer
 from layers.qp_elastic import elastic_qp
@@ -273,6 +273,9 @@ def qp(
         info: also return a :class:`QPLayerInfo` (``relaxed (B,)``: the elements solved as
             their closest feasible problem).
 
+    Bad input follows :mod:`layers._checks`' policy: float16 / bfloat16 are solved in float64
+    and returned in their dtype; an empty batch (``B = 0``) gives empty outputs without a solve.
+
     Returns:
         ``x`` of shape ``(B, n)`` (``(n,)`` if every input is unbatched), in ``q``'s dtype and
         device; with ``duals=True``, ``(x, lam, nu)`` with ``lam (B, m)``, ``nu (B, p)`` (the
@@ -292,6 +295,15 @@ def qp(
             "raises SolverError, 'closest' solves the closest feasible problem"
         )
     prob = prepare_qp(Q, q, G, h, A, b, check_psd, torch.float64)
+    B, n, m, p = prob.sizes
+    if B == 0:  # an empty batch: nothing to solve
+        get_backend(backend)
+        shapes = [(0, n), (0, m), (0, p)]
+        empty = empty_outputs([Q, q, G, h, A, b], shapes, prob.dtype, prob.device)
+        outs: list[Any] = list(empty) if duals else [empty[0]]
+        if info:
+            outs.append(QPLayerInfo(relaxed=torch.zeros(0, dtype=torch.bool, device=prob.device)))
+        return tuple(outs) if len(outs) > 1 else outs[0]
 
     def solve(pr: QPProblem) -> tuple[Tensor, Tensor, Tensor]:
         return solve_checked(
@@ -308,8 +320,8 @@ def qp(
         check_positive("closest_weight", closest_weight)
         x, lam, nu, relaxed = _solve_or_relax(prob, solve, float(closest_weight))
     else:
-        (x, lam, nu), relaxed = solve(prob), torch.zeros(prob.sizes[0], dtype=torch.bool)
-    outs: list[Any] = [t.to(dtype=prob.dtype, device=prob.device) for t in (x, lam, nu)]
+        (x, lam, nu), relaxed = solve(prob), torch.zeros(B, dtype=torch.bool)
+    outs = [t.to(dtype=prob.dtype, device=prob.device) for t in (x, lam, nu)]
     if prob.unbatched:
         outs = [t.squeeze(0) for t in outs]
         relaxed = relaxed.squeeze(0)
@@ -419,26 +431,51 @@ class OptNetQP(nn.Module):
         missing = [k for k in self.order if k not in given]
         if missing:
             raise TypeError(f"missing inputs {missing}; this layer takes {self.order}")
+        self._check_inputs(given)
         ref = next(iter(given.values()), self.L)
-        dt, dev = ref.dtype, ref.device
+        dt, dev = _working_dtype(ref.dtype), ref.device
         L = self.L.to(dt).tril()
         Q = L @ L.mT + self.eps * torch.eye(self.n, dtype=dt, device=dev)
         z0 = self.z0.to(dt)
-        data: dict[str, Tensor | None] = {"Q": Q, "q": given.get("q", self.q)}
-        G = given.get("G", self.G)
+        cast = {k: (v.to(dt) if v is not None else None) for k, v in given.items()}
+        data: dict[str, Tensor | None] = {"Q": Q, "q": cast.get("q", self.q)}
         if self.m:
+            G = cast["G"] if "G" in cast else self.G.to(dt)
             data["G"] = G
             data["h"] = (
-                given["h"] if "h" in given else _mv_any(G, z0) + nn.functional.softplus(self.s0)
+                cast["h"]
+                if "h" in cast
+                else _mv_any(G, z0) + nn.functional.softplus(self.s0).to(dt)
             )
-        A = given.get("A", self.A)
         if self.p:
+            A = cast["A"] if "A" in cast else self.A.to(dt)
             data["A"] = A
-            data["b"] = given["b"] if "b" in given else _mv_any(A, z0)
+            data["b"] = cast["b"] if "b" in cast else _mv_any(A, z0)
         return {k: (v.to(dt) if v is not None else None) for k, v in data.items()}
 
+    def _check_inputs(self, given: dict[str, Tensor]) -> None:
+        """Each input is a finite floating tensor of its shape, batched or not."""
+        want = {
+            "q": (self.n,),
+            "G": (self.m, self.n),
+            "h": (self.m,),
+            "A": (self.p, self.n),
+            "b": (self.p,),
+        }
+        for k, v in given.items():
+            check_tensor(k, v)
+            w = want[k]
+            if v.dim() not in (len(w), len(w) + 1) or tuple(v.shape[v.dim() - len(w) :]) != w:
+                raise ValueError(
+                    f"{k} has shape {tuple(v.shape)}, expected {w} or {('B', *w)} for this "
+                    f"layer (n={self.n}, m={self.m}, p={self.p})"
+                )
+
     def forward(self, *args: Tensor, **kwargs: Tensor) -> Tensor | tuple[Tensor, Tensor, Tensor]:
+        """Solve the QP for these inputs; float16 / bfloat16 inputs are computed in float32 data
+        (solved in float64) and the outputs returned in the first input's dtype."""
         data = self.qp_data(*args, **kwargs)
+        first = args[0] if args else next(iter(kwargs.values()), None)
         *out, info = qp(
             data["Q"],
             data["q"],
@@ -457,7 +494,15 @@ class OptNetQP(nn.Module):
             info=True,
         )
         self.last_relaxed = info.relaxed
+        if first is not None:
+            out = [t.to(first.dtype) for t in out]
         return tuple(out) if self.duals else out[0]
+
+
+def _working_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the QP data are built in: float32 for half precision (the parameters' dtype;
+    ``qp`` solves in float64 anyway), else the inputs'."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _mv_any(M: Tensor, v: Tensor) -> Tensor:

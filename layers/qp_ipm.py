@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from layers._batched import Cholesky, add_diag, amax, dot, max_step, threads_for
+from layers._checks import check_tensor
 
 __all__ = [
     "INACCURATE",
@@ -38,6 +39,7 @@ __all__ = [
     "QPInfo",
     "QPSolution",
     "kkt_residuals",
+    "solution_scale",
     "solve_qp",
     "solve_qp_differentiable",
 ]
@@ -267,7 +269,7 @@ def _classify(Q: Tensor, q: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor) 
         b1 = b.clone()
         if p:  # consistent right-hand sides for the (already flagged) inconsistent elements
             b1 = torch.where(eq_bad.unsqueeze(-1), (torch.bmm(A, xl.unsqueeze(-1))).squeeze(-1), b)
-        ph1 = solve_qp(Q1, q1, G1, h1, A1, b1, tol=1e-9, classify=False)
+        ph1 = _solve_qp(Q1, q1, G1, h1, A1, b1, tol=1e-9, classify=False)
         t = ph1.x[:, -1]
         infeasible = ph1.info.ok & (t > 1e-6 * scale)
         code = torch.where(~eq_bad & infeasible, INFEASIBLE, code)
@@ -280,7 +282,7 @@ def _classify(Q: Tensor, q: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor) 
         eye = torch.eye(n, dtype=q.dtype, device=q.device).expand(k, -1, -1)
         Gb = torch.cat([G, eye, -eye], -2)
         hb = torch.cat([h, x0 + R, R - x0], -1)
-        box = solve_qp(Q, q, Gb, hb, A if p else None, b if p else None, tol=1e-9, classify=False)
+        box = _solve_qp(Q, q, Gb, hb, A if p else None, b if p else None, tol=1e-9, classify=False)
         hits = ((box.x - x0).abs().amax(-1, keepdim=True) > 0.5 * R).squeeze(-1)
         code = torch.where(feasible & box.info.ok & hits, UNBOUNDED, code)
     return code
@@ -426,7 +428,7 @@ def _solve_eliminated(
         it = 0
     else:
         QZ = torch.bmm(Q, Z)
-        sub = solve_qp(
+        sub = _solve_qp(
             torch.bmm(Z.mT, QZ),
             (torch.bmm(QZ.mT, xp) + torch.bmm(Z.mT, q)).squeeze(-1),
             torch.bmm(G, Z),
@@ -701,6 +703,10 @@ def solve_qp(
         classify: find out why failed elements failed (infeasible, unbounded), by solving small
             auxiliary problems for them only.
 
+    Bad input (:mod:`layers._checks`' policy): ``TypeError`` / ``ValueError`` naming the
+    argument for non-floating, meta or non-finite data, wrong shapes and ``n = 0``; an empty
+    batch (``B = 0``) gives an empty :class:`QPSolution` without a solve.
+
     Returns:
         A :class:`QPSolution` in the working dtype. Elements that fail are flagged in
         ``info.status`` (primal infeasible, unbounded, iteration limit, numerical error); this
@@ -717,14 +723,79 @@ def solve_qp(
     failed elements are classified afterwards (see ``classify``). Without inequalities the
     problem is one KKT solve.
     """
+    _check_qp_inputs(Q, q, G, h, A, b)
+    if q.shape[0] == 0:
+        wd = dtype or q.dtype
+        n = q.shape[1]
+        m = 0 if G is None else G.shape[1]
+        p = 0 if A is None else A.shape[1]
+
+        def zeros(*shape: int) -> Tensor:
+            return torch.zeros(shape, dtype=wd, device=q.device)
+
+        status = torch.zeros(0, dtype=torch.long, device=q.device)
+        info = QPInfo(0, status, zeros(0), zeros(0), zeros(0))
+        return QPSolution(zeros(0, n), zeros(0, m), zeros(0, p), zeros(0, m), info)
+    return _solve_qp(Q, q, G, h, A, b, tol=tol, max_iter=max_iter, dtype=dtype, classify=classify)
+
+
+def _check_qp_inputs(
+    Q: Tensor, q: Tensor, G: Tensor | None, h: Tensor | None, A: Tensor | None, b: Tensor | None
+) -> None:
+    """:func:`solve_qp`'s inputs are finite floating tensors of its shapes, ``n >= 1``."""
+    if (G is None) != (h is None) or (A is None) != (b is None):
+        raise ValueError("give G and h together and A and b together (or neither of a pair)")
+    check_tensor("q", q, dims=(2,))
+    B, n = q.shape
+    if n == 0:
+        raise ValueError(f"q has shape {(B, n)}: the QP needs at least one variable (n >= 1)")
+    m = p = 0
+    if G is not None:
+        check_tensor("G", G, dims=(3,))
+        m = G.shape[1]
+    if A is not None:
+        check_tensor("A", A, dims=(3,))
+        p = A.shape[1]
+    want = {"Q": (B, n, n), "G": (B, m, n), "h": (B, m), "A": (B, p, n), "b": (B, p)}
+    for name, t in (("Q", Q), ("G", G), ("h", h), ("A", A), ("b", b)):
+        if t is None:
+            continue
+        check_tensor(name, t)
+        if tuple(t.shape) != want[name]:
+            raise ValueError(
+                f"{name} has shape {tuple(t.shape)}, expected {want[name]} for q of shape "
+                f"{(B, n)}"
+                + (f" and m={m}" if name in "Gh" else f" and p={p}" if name in "Ab" else "")
+            )
+
+
+@torch.no_grad()
+def _solve_qp(
+    Q: Tensor,
+    q: Tensor,
+    G: Tensor | None = None,
+    h: Tensor | None = None,
+    A: Tensor | None = None,
+    b: Tensor | None = None,
+    *,
+    tol: float = 1e-12,
+    max_iter: int = 60,
+    dtype: torch.dtype | None = torch.float64,
+    classify: bool = True,
+) -> QPSolution:
+    """:func:`solve_qp` without its input checks (for data already checked, and the auxiliary
+    problems built inside this module)."""
     wd = dtype or q.dtype
     G, h, A, b = _empty_constraints(q, G, h, A, b)
     Q, q, G, h, A, b = (t.to(wd) for t in (Q, q, G, h, A, b))
     Q = 0.5 * (Q + Q.mT)
-    B, n = q.shape
+    n = q.shape[1]
     m, p = G.shape[-2], A.shape[-2]
-    if B == 0:
-        raise ValueError("solve_qp got an empty batch")
+    # Data far from unit size are solved as x = beta y (see solution_scale): the residual tests
+    # add 1 to data norms, and x'Qx overflows for x near 1e160, so both need data near 1.
+    beta = solution_scale(Q, q, G, h, A, b)
+    if beta is not None:
+        q, h, b = q / beta, h / beta, b / beta
     pb = _equilibrate(Q, q, G, h, A, b)
 
     ns = _null_space(pb.A) if p and m and (4 * p >= n or n + p <= _SMALL) else None
@@ -747,14 +818,47 @@ def solve_qp(
         dual_residual=res.dres.flatten(),
         gap=res.gap.flatten(),
     )
-    return QPSolution(
-        x=pt.x.squeeze(-1),
-        lam=(pt.lam / pb.gs).squeeze(-1),
-        nu=(pt.nu / pb.as_).squeeze(-1),
-        slack=(pt.s * pb.gs).squeeze(-1),
-        info=info,
-        _nullspace=ns,
-    )
+    x, lam = pt.x.squeeze(-1), (pt.lam / pb.gs).squeeze(-1)
+    nu, slack = (pt.nu / pb.as_).squeeze(-1), (pt.s * pb.gs).squeeze(-1)
+    if beta is not None:
+        x, lam, nu, slack = x * beta, lam * beta, nu * beta, slack * beta
+    return QPSolution(x=x, lam=lam, nu=nu, slack=slack, info=info, _nullspace=ns)
+
+
+# Data whose size is within 2**+-30 of 1 are solved as they are.
+_SCALE_WINDOW = 2.0**30
+
+
+def solution_scale(
+    Q: Tensor, q: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor
+) -> Tensor | None:
+    """``(B, 1)`` powers of two ``beta`` near each element's data size
+    ``max(|q| / max(1, max|diag Q|), |h_i| / |G_i|, |b_i| / |A_i|)`` where that size is beyond
+    ``2**+-30`` (1 elsewhere), or None when no element needs one.
+
+    With ``x = beta y`` the QP in ``y`` has data ``(Q, q / beta, G, h / beta, A, b / beta)``
+    (the objective divided by ``beta**2``) and duals ``lam / beta``, ``nu / beta``: data of
+    order 1, where the residual tests (which add 1 to data norms) and products like ``x'Qx``
+    (which overflow near 1e160) work. Powers of two make the divisions exact. Absent
+    constraints are ``(B, 0, n)`` / ``(B, 0)`` tensors.
+    """
+    tiny = torch.finfo(q.dtype).tiny
+    zero = q.new_zeros(q.shape[0])
+
+    def ratio(rhs: Tensor, M: Tensor) -> Tensor:
+        if rhs.shape[-1] == 0:
+            return zero
+        norm = M.norm(dim=-1)
+        return torch.where(norm > 0, rhs.abs() / norm.clamp_min(tiny), 0.0).amax(-1)
+
+    qd = Q.diagonal(dim1=-2, dim2=-1).abs().amax(-1)
+    size = q.abs().amax(-1) / qd.clamp_min(1.0)
+    size = torch.maximum(size, torch.maximum(ratio(h, G), ratio(b, A)))
+    far = (size > _SCALE_WINDOW) | ((size > 0) & (size < 1 / _SCALE_WINDOW))
+    if not bool(far.any()):
+        return None
+    beta = torch.where(far, torch.exp2(torch.round(torch.log2(size.clamp_min(tiny)))), 1.0)
+    return beta.unsqueeze(-1)
 
 
 def _classify_failures(pb: _Scaled, status: Tensor) -> None:
@@ -875,7 +979,7 @@ class _IPMFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, Q, q, G, h, A, b, opts):  # type: ignore[override]
         with threads_for(q.shape[0], q.shape[-1], A.shape[-2], q.device):
-            sol = solve_qp(Q, q, G, h, A, b, **opts)
+            sol = _solve_qp(Q, q, G, h, A, b, **opts)
         ctx.save_for_backward(0.5 * (Q + Q.mT), G, A, sol.x, sol.lam, sol.slack, sol.nu)
         ctx.nullspace = sol._nullspace
         return sol.x, sol.lam, sol.nu, sol

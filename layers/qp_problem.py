@@ -44,7 +44,8 @@ def prepare_qp(
     check_psd: bool,
     wd: torch.dtype = torch.float64,
 ) -> QPProblem:
-    """Validate shapes and values, broadcast to one batch size, cast to ``wd``."""
+    """Validate shapes and values, broadcast to one batch size (which may be 0), cast to
+    ``wd``."""
     if (G is None) != (h is None):
         raise ValueError(
             "give G and h together (or neither); got only " + ("G" if h is None else "h")
@@ -63,6 +64,10 @@ def prepare_qp(
                     f"batch dim; got shape {tuple(t.shape)}"
                 )
     n = q.shape[-1]
+    if n == 0:
+        raise ValueError(
+            f"q has shape {tuple(q.shape)}: the QP needs at least one variable (n >= 1)"
+        )
     batch = {k: t.shape[0] for k, t in given.items() if t is not None and t.dim() > _RANKS[k]}
     if len(set(batch.values())) > 1:
         raise ValueError(f"batch sizes differ: {batch}; use one batch size or unbatched inputs")

@@ -5,8 +5,11 @@
 * :func:`solve_checked`: run a backend, then raise :class:`~layers._checks.SolverError` naming the
   batch elements without a solution or whose solution fails the relative KKT check
   (:func:`layers.qp_ipm.kkt_residuals`), with a diagnosis by ``torch-ipm`` when another backend
-  fails. The CVXPY backends come in as a runner from :mod:`layers.qp`, so this module imports
-  no CVXPY code and :class:`~layers.cvxpy_layer.CvxpyProblemLayer` can use it.
+  fails, and advice to rescale when the data are huge (:func:`layers._checks.scale_advice`).
+  qpth solves a batch as one system, so an element without a solution spoils the others'
+  answers: the others are solved again without it, and only those that fail again are named.
+  The CVXPY backends come in as a runner from :mod:`layers.qp`, so this module imports no
+  CVXPY code and :class:`~layers.cvxpy_layer.CvxpyProblemLayer` can use it.
 """
 
 from __future__ import annotations
@@ -19,13 +22,14 @@ import torch
 from torch import Tensor
 
 from layers._batched import one_thread
-from layers._checks import SolverError, format_indices
+from layers._checks import SolverError, format_indices, scale_advice
 from layers.backends import get_backend
 from layers.qp_ipm import (
     INACCURATE,
     STATUS_NAMES,
     QPSolution,
     kkt_residuals,
+    solution_scale,
     solve_qp,
     solve_qp_differentiable,
 )
@@ -149,11 +153,15 @@ def solve_checked(
     check: bool,
     check_tol: float | None,
     run_cvxpy: CvxpyRunner | None = None,
+    advise: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Solve ``prob`` with ``backend`` and check the answer; returns batched ``(x, lam, nu)`` in
     the working dtype. ``run_cvxpy`` solves with the cvxpylayers backends (required for them).
-    Raises :class:`SolverError` as :func:`layers.qp.qp` documents."""
+    Raises :class:`SolverError` as :func:`layers.qp.qp` documents; with ``advise`` its message
+    ends with :func:`~layers._checks.scale_advice` on the data (the CVXPY layer, whose users
+    gave parameters and not this QP, advises on its parameters itself)."""
     be = get_backend(backend)
+    advice = _advice(prob) if advise else (lambda: "")
     sol = None
     try:
         if be.kind == "torch":
@@ -168,18 +176,32 @@ def solve_checked(
             x, lam, nu = run_cvxpy(prob, backend, settings, solver_args)
     except SolverError as err:
         msg = str(err).rstrip(". ")
-        raise SolverError(f"{msg}. {_diagnose(prob)}".strip(), _failed_elements(prob)) from err
+        raise SolverError(
+            f"{msg}. {_diagnose(prob)} {advice()}".strip(), _failed_elements(prob)
+        ) from err
 
     if sol is not None and not bool(sol.info.ok.all()):
         bad = sol.info.failed()
         why = ", ".join(f"{i}: {STATUS_NAMES[int(sol.info.status[i])]}" for i in bad[:10])
         raise SolverError(
-            f"qp ({backend}): no solution for batch elements {format_indices(bad)} ({why})", bad
+            f"qp ({backend}): no solution for batch elements {format_indices(bad)} ({why}). "
+            f"{advice()}".strip(),
+            bad,
         )
     if check_tol is None:
         check_tol = be.check_tol
     if check:
-        _check_kkt(prob, backend, x, lam, nu, check_tol)
+        worst = _kkt_worst(prob, x, lam, nu)
+        bad = torch.nonzero(~(worst <= check_tol)).flatten().tolist()
+        if bad and be.kind == "qpth":
+            bad = _qpth_failures(prob, bad, settings, solver_args, check_tol)
+        if bad:
+            raise SolverError(
+                f"qp ({backend}): the solution fails the KKT check (relative residual > "
+                f"{check_tol:g}) for batch elements {format_indices(bad)}; worst "
+                f"{worst.max().item():.2e}. {_diagnose(prob, bad)} {advice()}".strip(),
+                bad,
+            )
     if sol is not None and bool((sol.info.status == INACCURATE).any()):
         idx = torch.nonzero(sol.info.status == INACCURATE).flatten().tolist()
         warnings.warn(
@@ -191,24 +213,53 @@ def solve_checked(
     return x, lam, nu
 
 
-def _check_kkt(
-    prob: QPProblem, backend: str, x: Tensor, lam: Tensor, nu: Tensor, check_tol: float
-) -> None:
-    """Raise for the elements whose relative KKT residual exceeds ``check_tol``."""
+def _advice(prob: QPProblem) -> Callable[[], str]:
+    """:func:`~layers._checks.scale_advice` on the problem's data, computed when called."""
+    names = ("Q", "q", "G", "h", "A", "b")
+    return lambda: scale_advice(dict(zip(names, (prob.Q, prob.q, prob.G, prob.h, prob.A, prob.b))))
+
+
+def _kkt_worst(prob: QPProblem, x: Tensor, lam: Tensor, nu: Tensor) -> Tensor:
+    """``(B,)``: the largest relative KKT residual of each element's answer, measured with the
+    data at unit scale (:func:`~layers.qp_ipm.solution_scale`, as the solver sees them), so that
+    huge solutions do not overflow the objective."""
     with torch.no_grad():
         Qs = 0.5 * (prob.Q + prob.Q.mT)
-        res = kkt_residuals(
-            Qs, prob.q, prob.G, prob.h, prob.A, prob.b, x.detach(), lam.detach(), nu.detach()
-        )
-    worst = torch.stack(res).amax(0)
-    bad = torch.nonzero(~(worst <= check_tol)).flatten().tolist()
-    if bad:
-        raise SolverError(
-            f"qp ({backend}): the solution fails the KKT check (relative residual > "
-            f"{check_tol:g}) for batch elements {format_indices(bad)}; worst "
-            f"{worst.max().item():.2e}. {_diagnose(prob, bad)}".strip(),
-            bad,
-        )
+        q, h, b = prob.q, prob.h, prob.b
+        x, lam, nu = x.detach(), lam.detach(), nu.detach()
+        beta = solution_scale(Qs, q, prob.G, h, prob.A, b)
+        if beta is not None:
+            q, h, b, x, lam, nu = (t / beta for t in (q, h, b, x, lam, nu))
+        res = kkt_residuals(Qs, q, prob.G, h, prob.A, b, x, lam, nu)
+    return torch.stack(res).amax(0)
+
+
+def _subproblem(prob: QPProblem, idx: Sequence[int]) -> QPProblem:
+    """The batch elements ``idx`` of ``prob``."""
+    i = torch.tensor(list(idx), dtype=torch.long, device=prob.q.device)
+    Q, q, G, h, A, b = (t.detach()[i] for t in (prob.Q, prob.q, prob.G, prob.h, prob.A, prob.b))
+    return QPProblem(Q, q, G, h, A, b, unbatched=False, dtype=prob.dtype, device=prob.device)
+
+
+def _qpth_failures(
+    prob: QPProblem, bad: list[int], settings: str, args: dict[str, Any], tol: float
+) -> list[int]:
+    """The elements among ``bad`` (those whose qpth answer fails the KKT check) that fail by
+    themselves: those ``torch-ipm`` finds no solution for (infeasible, unbounded), and those
+    that fail again when qpth solves them without the first (qpth solves the batch as one
+    system, so one element without a solution spoils the steps of all)."""
+    unsolvable = set(_failed_elements(prob)) & set(bad)
+    rest = [i for i in bad if i not in unsolvable]
+    if not unsolvable or not rest:
+        return bad
+    try:
+        with torch.no_grad():
+            sub = _subproblem(prob, rest)
+            x, lam, nu = run_qpth(sub, settings, args)
+        again = torch.nonzero(~(_kkt_worst(sub, x, lam, nu) <= tol)).flatten().tolist()
+    except SolverError:
+        again = list(range(len(rest)))
+    return sorted(unsolvable | {rest[j] for j in again})
 
 
 def _failed_elements(prob: QPProblem) -> list[int]:

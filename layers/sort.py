@@ -105,6 +105,30 @@ def _rank_weights(n: int, dtype: torch.dtype, device: torch.device) -> torch.Ten
     return torch.arange(n - 1, -n, -2, dtype=dtype, device=device)
 
 
+def _logit_dtype(x: torch.Tensor, tau: float) -> torch.Tensor:
+    """``x`` in a dtype where NeuralSort's and Sinkhorn's logits cannot overflow.
+
+    Their logits ``(r_i s_k - (A_s 1)_k) / tau`` and the differences the softmax and the
+    Sinkhorn kernel take of them stay below ``8 n spread / tau`` (``spread``: the largest
+    ``max - min`` of a row). If that overflows ``x``'s dtype, ``x`` is computed in float64 (the
+    callers return their results in the input's dtype); if it overflows float64 too, a
+    ``ValueError`` says so.
+    """
+    if x.numel() == 0:
+        return x
+    lo, hi = torch.aminmax(x.detach(), dim=-1)
+    spread = float((hi.double() - lo.double()).max())
+    bound = 8.0 * x.shape[-1] * spread / tau
+    if bound < torch.finfo(x.dtype).max:
+        return x
+    if bound < torch.finfo(torch.float64).max:
+        return x.double()
+    raise ValueError(
+        f"scores spread over {spread:.3g} with tau={tau:g}: the logits (up to 8 n spread / tau "
+        f"= {bound:.3g}) overflow float64; scale the scores down or raise tau"
+    )
+
+
 def _abs_diff_rowsum(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(A_s 1)_k = sum_j |s_k - s_j|`` in O(n log n) time and O(n) memory (no n x n matrix).
 
@@ -183,8 +207,9 @@ def _neural_sort_rows(scores: torch.Tensor, tau: float, rows: int, hard: bool) -
     """The first ``rows`` rows of NeuralSort's ``P_hat``: ``(..., rows, n)``."""
     n = scores.shape[-1]
     # Shifting every score by the same amount changes neither A_s nor the softmax; centring keeps
-    # the logits small in float32. Half precision is computed in float32 and returned in its own.
-    s = centred(upcast_half(scores))
+    # the logits small in float32. Half precision is computed in float32 (float64 where even
+    # float32 logits would overflow) and returned in its own dtype.
+    s = centred(_logit_dtype(upcast_half(scores), tau))
     b, order = _abs_diff_rowsum(s)
     r = _rank_weights(n, s.dtype, s.device)[:rows]
     return _NeuralSortFn.apply(s, b, r, order[..., :rows], tau, hard).to(scores.dtype)
@@ -217,10 +242,12 @@ def neural_sort(scores: torch.Tensor, tau: float = 1.0, hard: bool = False) -> t
 def _gumbel_like(
     shape: tuple[int, ...], ref: torch.Tensor, generator: torch.Generator | None
 ) -> torch.Tensor:
-    """Standard Gumbel noise ``-log(-log U)`` with ``U`` clamped away from 0 and 1."""
-    u = torch.rand(shape, generator=generator, dtype=ref.dtype, device=ref.device)
-    tiny = torch.finfo(ref.dtype).tiny
-    return -torch.log(-torch.log(u.clamp_(tiny, 1.0 - torch.finfo(ref.dtype).eps)))
+    """Standard Gumbel noise ``-log(-log U)`` with ``U`` clamped away from 0 and 1, in ``ref``'s
+    dtype (float32 for half precision, so half scores get the float32 path's noise)."""
+    dtype = upcast_half(ref).dtype
+    u = torch.rand(shape, generator=generator, dtype=dtype, device=ref.device)
+    tiny = torch.finfo(dtype).tiny
+    return -torch.log(-torch.log(u.clamp_(tiny, 1.0 - torch.finfo(dtype).eps)))
 
 
 def stochastic_neural_sort(
@@ -251,7 +278,7 @@ def stochastic_neural_sort(
     t = temperature("tau", tau)
     _check_int("num_samples", num_samples)
     perturbed = scores.unsqueeze(0) + _gumbel_like((num_samples, *scores.shape), scores, generator)
-    return _neural_sort_rows(perturbed, t, n, hard)
+    return _neural_sort_rows(perturbed, t, n, hard).to(scores.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,7 +315,9 @@ def sinkhorn_sort(
     n = check_scores(scores)
     t = temperature("tau", tau)
     _check_int("n_iters", n_iters)
-    x = upcast_half(scores)  # half precision computed in float32, returned in its own dtype
+    # half precision computed in float32 (float64 where float32 logits would overflow), and
+    # returned in its own dtype
+    x = _logit_dtype(upcast_half(scores), t)
     r = _rank_weights(n, x.dtype, x.device)
     s = centred(x)
     logits = (r[:, None] * s[..., None, :] - _abs_diff_rowsum(s)[0][..., None, :]) / t
@@ -384,7 +413,8 @@ class StochasticNeuralSort(SortRelaxation):
         g = _gumbel_like((self.num_samples, *scores.shape), scores, self.generator)
         perturbed = scores.unsqueeze(0) + g
         soft = _neural_sort_rows(perturbed, self.tau, k, False).sum(-2)
-        return straight_through(hard_topk(perturbed, k), soft) if self.hard else soft
+        out = straight_through(hard_topk(perturbed, k), soft) if self.hard else soft
+        return out.to(scores.dtype)
 
 
 class Sinkhorn(SortRelaxation):

@@ -22,10 +22,10 @@ from typing import Any
 import torch
 
 from layers._sort_common import (
-    centred,
     check_k,
     check_scores,
     check_strength,
+    compress_gaps,
     hard_permutation,
     hard_topk,
     straight_through,
@@ -239,10 +239,42 @@ def _project_permutahedron(
         return w_sorted + 0 * s
     y = s - w_sorted
     # Isotonic regression is positively homogeneous, so solve at unit scale (better conditioned
-    # for the solvers) and scale back; the scale's gradient is exactly zero, hence detached.
+    # for the solvers) and scale back. Its Jacobian does not depend on the scale, so gradients
+    # pass the scaling unchanged (a cotangent times 1e300 would overflow inside the solver).
     scale = y.detach().abs().amax(-1, keepdim=True).clamp_min(torch.finfo(y.dtype).tiny)
-    v = scale * _qp_layer("isotonic", n, 0, backend).solve(y / scale)
+    unit = _ScaleForward.apply(y, 1.0 / scale)
+    v = _ScaleForward.apply(_qp_layer("isotonic", n, 0, backend).solve(unit), scale)
     return torch.zeros_like(s).scatter(-1, order, s - v)
+
+
+class _ScaleForward(torch.autograd.Function):
+    """``x * factor`` forward, the identity backward: for a positively homogeneous map ``f``,
+    ``f(x) = c f(x / c)`` with the same Jacobian at ``x`` and ``x / c``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return x * factor
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return g, None
+
+
+def _lp_scores(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """``x / eps`` as the top-k and Birkhoff LPs see it: shifted, with gaps wider than ``2 eps``
+    narrowed (:func:`~layers._sort_common.compress_gaps`; the solution does not change), so
+    scores of any magnitude (1e30, 1e300) give the exact solution and stay small for the
+    solvers."""
+    return compress_gaps(x, 2.0 * eps) / eps
+
+
+def _empty_batch(x: torch.Tensor, dtype: torch.dtype, square: bool) -> torch.Tensor:
+    """The output for scores ``x (..., n)`` with no elements (an empty batch), made without a
+    solve: ``(..., n)`` or, with ``square``, ``(..., n, n)``; its gradient to ``x`` is zero."""
+    out = x * 0
+    if square:
+        out = out.unsqueeze(-2).expand(*x.shape[:-1], x.shape[-1], x.shape[-1])
+    return out.to(dtype)
 
 
 def _topk_targets(n: int, ks: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -281,6 +313,8 @@ def soft_sort(
     eps = check_strength(regularization_strength)
     check_lp_backend(backend)
     x = upcast_half(values)
+    if x.numel() == 0:  # an empty batch: nothing to solve
+        return _empty_batch(x, values.dtype, square=False)
     sign = 1.0 if descending else -1.0
     rho = torch.arange(n, 0, -1, dtype=x.dtype, device=x.device) / eps
     out = sign * _project_permutahedron(rho.expand_as(x), sign * x, backend, z_sorted=True)
@@ -319,9 +353,15 @@ def soft_rank(
     eps = check_strength(regularization_strength)
     check_lp_backend(backend)
     x = upcast_half(values)
+    if x.numel() == 0:  # an empty batch: nothing to solve
+        return _empty_batch(x, values.dtype, square=False)
     sign = -1.0 if descending else 1.0
     rho = torch.arange(n, 0, -1, dtype=x.dtype, device=x.device)
-    out = _project_permutahedron(sign * x / eps, rho, backend, w_sorted=True)
+    # The projection never pools across a gap in the scores wider than the spread of rho
+    # (n - 1) and is invariant to shifting a cluster between such gaps: compressing them to 2 n
+    # keeps the solution and keeps huge scores (1e30) small for the solvers.
+    z = compress_gaps(sign * x, 2.0 * n * eps) / eps
+    out = _project_permutahedron(z, rho, backend, w_sorted=True)
     if hard:  # position in the stable order of sign * values, ascending, from 1
         order = torch.sort(sign * x, dim=-1, stable=True).indices
         pos = torch.arange(1, n + 1, dtype=x.dtype, device=x.device).expand_as(x)
@@ -357,12 +397,14 @@ def lp_topk(
     eps = check_strength(regularization_strength)
     check_lp_backend(backend)
     x = upcast_half(scores)
+    if x.numel() == 0:  # an empty batch: nothing to solve
+        return _empty_batch(x, scores.dtype, square=False)
     if k == n:  # the feasible set is one point
         y = torch.ones_like(x) + 0 * x
     elif backend == "native":
-        y = topk_projection(centred(x) / eps, k)
+        y = topk_projection(_lp_scores(x, eps), k)
     else:
-        y = _qp_layer("topk", n, k, backend).solve(centred(x) / eps)
+        y = _qp_layer("topk", n, k, backend).solve(_lp_scores(x, eps))
     y = straight_through(hard_topk(x, k), y) if hard else y
     return y.to(scores.dtype)
 
@@ -370,11 +412,11 @@ def lp_topk(
 def _nested_topk_matrix(scores: torch.Tensor, eps: float, backend: str) -> torch.Tensor:
     """``P_hat[i] = T_{i+1} - T_i`` from the regularized top-k LPs ``T_k`` for all ``k``."""
     if backend == "native":
-        return nested_topk_matrix(centred(scores) / eps)
+        return nested_topk_matrix(_lp_scores(scores, eps))
     n = scores.shape[-1]
     ks = torch.arange(1, n, device=scores.device)
     w = _topk_targets(n, ks, scores)  # (n - 1, n)
-    z = (centred(scores) / eps).unsqueeze(-2).expand(*scores.shape[:-1], n - 1, n)
+    z = _lp_scores(scores, eps).unsqueeze(-2).expand(*scores.shape[:-1], n - 1, n)
     T = _project_permutahedron(z, w, backend)  # (..., n - 1, n)
     zeros = torch.zeros_like(scores).unsqueeze(-2)
     T = torch.cat([zeros, T, torch.ones_like(zeros)], dim=-2)
@@ -408,6 +450,8 @@ def lp_permutahedron_sort(
     eps = check_strength(regularization_strength)
     check_lp_backend(backend)
     x = upcast_half(scores)
+    if x.numel() == 0:  # an empty batch: nothing to solve
+        return _empty_batch(x, scores.dtype, square=True)
     P = _nested_topk_matrix(x, eps, backend) if n > 1 else x[..., None] * 0 + 1
     P = straight_through(hard_permutation(x), P) if hard else P
     return P.to(scores.dtype)
@@ -438,7 +482,9 @@ def lp_birkhoff_sort(
     eps = check_strength(regularization_strength)
     check_lp_backend(backend)
     x = upcast_half(scores)
-    t = centred(x) / eps
+    if x.numel() == 0:  # an empty batch: nothing to solve
+        return _empty_batch(x, scores.dtype, square=True)
+    t = _lp_scores(x, eps)
     if n == 1:
         P = x[..., None] * 0 + 1
     elif backend == "native":
@@ -468,12 +514,14 @@ def lp_permutahedron_topk(
     eps = check_strength(regularization_strength)
     check_lp_backend(backend)
     x = upcast_half(scores)
+    if x.numel() == 0:  # an empty batch: nothing to solve
+        return _empty_batch(x, scores.dtype, square=False)
     if k == n:
         y = torch.ones_like(x) + 0 * x
     elif backend == "native":  # the same projection as lp_topk's (and as this relaxation's rows)
-        y = topk_projection(centred(x) / eps, k)
+        y = topk_projection(_lp_scores(x, eps), k)
     else:
         w = _topk_targets(n, torch.tensor([k], device=x.device), x)[0]
-        y = _project_permutahedron(centred(x) / eps, w, backend)
+        y = _project_permutahedron(_lp_scores(x, eps), w, backend)
     y = straight_through(hard_topk(x, k), y) if hard else y
     return y.to(scores.dtype)

@@ -50,7 +50,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from layers._checks import check_positive, check_tensor
+from layers._checks import check_positive, check_tensor, empty_outputs
 from layers.backends import BACKENDS, check_settings
 from layers.cvxpy_layer import CvxpyProblemLayer
 from layers.qp import qp
@@ -89,9 +89,10 @@ EXTERNAL_CHECK_TOL = 1e-3
 def difference_matrix(
     n: int, *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
 ) -> Tensor:
-    """First differences ``(n-1, n)``: ``(D x)_i = x_i - x_{i+1}`` (OptNet's ``D``)."""
-    if n < 2:
-        raise ValueError(f"signals need length n >= 2 for differences, got n={n}")
+    """First differences ``(n-1, n)``: ``(D x)_i = x_i - x_{i+1}`` (OptNet's ``D``); for
+    ``n = 1`` the empty ``(0, 1)`` (a single value has no differences)."""
+    if n < 1:
+        raise ValueError(f"signals need length n >= 1, got n={n}")
     eye = torch.eye(n, dtype=dtype, device=device)
     return eye[:-1] - eye[1:]
 
@@ -111,9 +112,10 @@ def grid_difference_matrix(
     device: torch.device | str | None = None,
 ) -> Tensor:
     """Anisotropic TV operator of an ``height x width`` image flattened row-major:
-    ``(height (width-1) + (height-1) width, height width)``, horizontal differences first."""
-    if height < 1 or width < 1 or height * width < 2:
-        raise ValueError(f"images need at least 2 pixels, got {height}x{width}")
+    ``(height (width-1) + (height-1) width, height width)``, horizontal differences first
+    (``(0, 1)`` for a single pixel)."""
+    if height < 1 or width < 1:
+        raise ValueError(f"images need at least 1 pixel, got {height}x{width}")
     src, dst = _grid_edges(height, width, device)
     D = torch.zeros(len(src), height * width, dtype=dtype, device=device)
     rows = torch.arange(len(src), device=device)
@@ -128,18 +130,18 @@ def grid_difference_matrix(
 
 
 def _prepare(y: Tensor, D: Tensor, lam: float | Tensor) -> tuple[Tensor, Tensor, Tensor, bool]:
-    """Validate and broadcast to float64 ``y (B, n)``, ``D (1|B, m, n)``, ``lam (B,)``."""
-    check_tensor("y", y)
-    if y.dim() > 2:
-        raise ValueError(f"y must be (n,) or (B, n), got shape {tuple(y.shape)}")
+    """Validate and broadcast to float64 ``y (B, n)``, ``D (1|B, m, n)``, ``lam (B,)``; ``B``
+    may be 0 (an empty batch), ``n`` may not."""
+    check_tensor("y", y, dims=(1, 2), expected="(n,) or (B, n)")
     unbatched = y.dim() == 1
     y2 = y.unsqueeze(0) if unbatched else y
     B, n = y2.shape
-    if B == 0:
-        raise ValueError("y is an empty batch")
-    check_tensor("D", D, min_dim=2)
-    if D.dim() > 3:
-        raise ValueError(f"D must be (m, n) or (B, m, n), got shape {tuple(D.shape)}")
+    if n == 0:
+        raise ValueError(
+            f"y has shape {tuple(y.shape)}: TV denoising needs at least one value per signal "
+            "(n >= 1)"
+        )
+    check_tensor("D", D, dims=(2, 3), expected=f"(m, {n}) or (B, m, {n})")
     if D.shape[-1] != n:
         raise ValueError(
             f"D has {D.shape[-1]} columns but the signals have length {n}; D must be (m, {n})"
@@ -218,6 +220,12 @@ def _solve(
     **native_args: Any,
 ) -> tuple[Tensor, TVInfo]:
     """Dispatch on ``backend``; every answer is certified before it is returned."""
+    if D.shape[-2] == 0:  # no differences (a single value or pixel): the solution is y
+        if backend not in TV_BACKENDS:
+            raise ValueError(
+                f"unknown TV backend {backend!r}; choose one of {', '.join(TV_BACKENDS)}"
+            )
+        return y.clone(), TVInfo(backend, 0, 0, y.new_zeros(y.shape[0]))
     if backend == "native":
         tol = NATIVE_CHECK_TOL if check_tol is None else check_tol
         edges = None if grid is None else _grid_edges(*grid, device=y.device)
@@ -288,6 +296,8 @@ def tv_denoise(
     """
     check_settings(settings)
     yb, Db, lb, unbatched = _prepare(y, D, lam)
+    if yb.shape[0] == 0:  # an empty batch: nothing to solve
+        return _empty_result(backend, [y, D, lam], tuple(y.shape), y, return_info)
     x, info = _solve(
         yb,
         Db,
@@ -301,6 +311,23 @@ def tv_denoise(
     )
     x = x.to(dtype=y.dtype, device=y.device)
     x = x.squeeze(0) if unbatched else x
+    return (x, info) if return_info else x
+
+
+def _empty_result(
+    backend: str,
+    inputs: list[Any],
+    shape: tuple[int, ...],
+    ref: Tensor,
+    return_info: bool,
+) -> Tensor | tuple[Tensor, TVInfo]:
+    """The answer for an empty batch: an empty ``shape`` tensor in ``ref``'s dtype and device
+    (backward gives the inputs zero gradients) and, if asked, an info with no elements."""
+    if backend not in TV_BACKENDS:
+        raise ValueError(f"unknown TV backend {backend!r}; choose one of {', '.join(TV_BACKENDS)}")
+    tensors = [t for t in inputs if isinstance(t, Tensor)]
+    (x,) = empty_outputs(tensors, [shape], ref.dtype, ref.device)
+    info = TVInfo(backend, 0, 0, torch.zeros(0, dtype=torch.float64, device=ref.device))
     return (x, info) if return_info else x
 
 
@@ -332,14 +359,18 @@ def tv_denoise_2d(
         The denoised images, shape, dtype and device of ``images``.
     """
     check_settings(settings)
-    check_tensor("images", images, min_dim=2)
-    if images.dim() > 3:
-        raise ValueError(f"images must be (H, W) or (B, H, W), got shape {tuple(images.shape)}")
+    check_tensor("images", images, dims=(2, 3), expected="(H, W) or (B, H, W)")
     unbatched = images.dim() == 2
     imgs = images.unsqueeze(0) if unbatched else images
     B, H, W = imgs.shape
+    if H * W == 0:
+        raise ValueError(
+            f"images has shape {tuple(images.shape)}: TV denoising needs at least one pixel"
+        )
     D = _grid_D(H, W).to(images.device)
     yb, Db, lb, _ = _prepare(imgs.reshape(B, H * W), D, lam)
+    if B == 0:  # an empty batch: nothing to solve
+        return _empty_result(backend, [images, lam], tuple(images.shape), images, return_info)
     x, info = _solve(
         yb, Db, lb, backend, settings=settings, check_tol=check_tol, grid=(H, W), **native_args
     )
@@ -360,6 +391,9 @@ def tv_error_bound(x: Tensor, y: Tensor, D: Tensor, lam: float | Tensor) -> Tens
         ``sqrt(2 gap / n)`` for a dual point built from ``x``'s active set.
     """
     yb, Db, lb, unbatched = _prepare(y, D, lam)
+    check_tensor("x", x)
+    if x.shape != y.shape:
+        raise ValueError(f"x has shape {tuple(x.shape)}, expected y's {tuple(y.shape)}")
     xb = x.reshape(yb.shape).to(torch.float64)
     out = certify(xb, yb, Db, lb)
     return out[0] if unbatched else out

@@ -384,8 +384,15 @@ def certify(
     set ``|(D x)_i| <= t`` from ``x``, polish it to ``(xh, z)`` and bound
     ``||x - x*|| <= min(sqrt(2 gap(x, z)), ||x - xh|| + sqrt(2 gap(xh, z)))``; every such bound
     is valid, the smallest is returned (a threshold near ``x``'s own error finds the true active
-    set, and then the bound is about the true error).
+    set, and then the bound is about the true error). Signals beyond ``2**30`` are certified
+    at unit scale (``x*(c y, lam) = c x*(y, lam / c)`` for a power of two ``c``), where the
+    duality gap, which grows as ``c**2``, cannot overflow.
     """
+    big = y.abs().amax(-1)
+    if bool((big > 2.0**30).any()):
+        c = torch.where(big > 2.0**30, torch.exp2(torch.round(torch.log2(big))), 1.0)
+        col = c.unsqueeze(-1)
+        return certify(x / col, y / col, D, lam / c, active_tols=active_tols) * c
     n = y.shape[-1]
     scale = 1.0 + y.abs().amax(-1, keepdim=True)
     Dx = _mv(D, x)
