@@ -29,3 +29,15 @@ def test_bench_qp_quick(tmp_path):
     if others:
         assert out["targets"]["small"]["time_ratio_vs_moreau-default"] > 0
     assert out["machine"]["cpu_count"] >= 1 and "torch" in out["machine"]["versions"]
+
+
+def test_profile_qp_quick(tmp_path):
+    from tasks.profile_qp import main
+
+    out = main(["--quick", "--sizes", "small", "--repeats", "1", "--out", str(tmp_path)])
+    row = out["sizes"][0]
+    assert (tmp_path / "profile.json").is_file() and "## small" in (
+        tmp_path / "profile.md"
+    ).read_text()
+    assert row["iterations"] >= 1 and row["forward_ms"] > 0 and row["top_ops"]
+    assert row["kernels"]["gemm_gflops"] > 0 and row["floor_forward_ms"] > 0

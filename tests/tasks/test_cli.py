@@ -13,6 +13,7 @@ from tasks import (
     bench_sort_step,
     bench_tv,
     compare_backends,
+    profile_qp,
     run_baseline,
     run_denoise,
     run_dknn,
@@ -32,6 +33,7 @@ SCRIPTS = {
     "bench_sort_step": bench_sort_step,
     "bench_qp": bench_qp,
     "compare_backends": compare_backends,
+    "profile_qp": profile_qp,
 }
 WITH_DEVICE = ["run_dknn", "run_baseline", "run_knn", "run_sort", "run_denoise", "bench_sort"]
 WITH_DEVICE += ["bench_qp", "compare_backends"]
