@@ -63,6 +63,9 @@ def centred(scores: torch.Tensor) -> torch.Tensor:
     return scores - scores.detach().mean(-1, keepdim=True)
 
 
+_PLAIN_RANGE = 2.0**20  # score ranges (in units of the cap) solved without compressing gaps
+
+
 class _CompressGaps(torch.autograd.Function):
     """The forward of :func:`compress_gaps`; its backward is the identity (see there)."""
 
@@ -99,7 +102,16 @@ def compress_gaps(x: torch.Tensor, cap: float) -> torch.Tensor:
     1e300, whose differences would swamp ``eps`` or overflow, are solved exactly this way.
     The gradient is passed through unchanged: the solvers' gradients sum to zero over each
     cluster, so the shifts (functions of the scores) contribute nothing.
+
+    Scores whose range is within ``2**20`` gaps (every row's max minus min ``<= 2**20 cap``),
+    where the solvers are accurate anyway, are only shifted (max to 0): the sort this costs
+    otherwise doubles the time of a projection.
     """
+    if x.numel() == 0:
+        return x
+    low, high = torch.aminmax(x.detach(), dim=-1, keepdim=True)
+    if bool(((high - low) <= _PLAIN_RANGE * cap).all()):
+        return x - high
     return _CompressGaps.apply(x, cap)
 
 

@@ -191,6 +191,8 @@ def _topk_thresholds(z: Tensor, ks: Tensor) -> Tensor:
     as stored, so a breakpoint ``s_i - 1`` matches itself exactly.
     """
     B, n = z.shape
+    if ks.numel() == 1 and n <= _DENSE_TOPK:
+        return _topk_threshold_dense(z.to(F64), float(ks.reshape(-1)[0]))
     s = torch.sort(z, dim=-1, descending=True).values.to(F64)  # in z's dtype: exact, faster
     asc = s.flip(-1).contiguous()
     asc1 = asc - 1
@@ -218,6 +220,21 @@ def _topk_thresholds(z: Tensor, ks: Tensor) -> Tensor:
     return torch.where(cf > c1, nu.clamp_min(lo), lo)
 
 
+def _topk_threshold_dense(z: Tensor, k: float) -> Tensor:
+    """``nu (B, 1)`` of :func:`_topk_thresholds` for one ``k``, for small ``n``: ``f`` at all
+    ``2n`` breakpoints at once (``(B, 2n, n)``, no sort), ``lo`` the largest with ``f >= k``, and
+    ``nu`` on the segment just above it, as there (a handful of operations: at n = 16 the
+    per-operation cost is what counts)."""
+    bp = torch.cat([z, z - 1], -1)
+    fb = (z.unsqueeze(-2) - bp.unsqueeze(-1)).clamp(0, 1).sum(-1)
+    lo = torch.where(fb >= k, bp, -torch.inf).amax(-1, keepdim=True)
+    at1 = z - 1 > lo  # at 1 just above lo
+    free = (z > lo) & ~at1
+    c1, cf = at1.sum(-1, keepdim=True), (z > lo).sum(-1, keepdim=True)
+    nu = ((z * free).sum(-1, keepdim=True) + c1 - k) / (cf - c1).clamp_min(1)
+    return torch.where(cf > c1, nu.clamp_min(lo), lo)
+
+
 def _first_at_least(f: Callable[[Tensor], Tensor], bp: Tensor, k: Tensor, steps: int) -> Tensor:
     """The first index ``i`` (``n`` if none) with ``f(bp[..., i]) >= k`` for each entry of
     ``k (B, K)``, by bisection over the ``n`` breakpoints ``bp (B, n)`` along which ``f`` is
@@ -232,6 +249,9 @@ def _first_at_least(f: Callable[[Tensor], Tensor], bp: Tensor, k: Tensor, steps:
         hi = torch.where(ok, mid, hi)
         lo = torch.where(ok | (mid >= hi), lo, mid + 1)
     return hi
+
+
+_DENSE_TOPK = 32  # up to this n, one top-k threshold is found without sorting
 
 
 def _chunks(B: int, n: int, budget: int = 1 << 24) -> list[slice]:
