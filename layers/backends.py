@@ -33,9 +33,11 @@ diffcp-scs       cvxpylayers  very large sparse conic problems where an interior
                               costly; first-order, accurate only with the tight tolerances set
                               here.
 proxsuite        proxsuite    peer for comparison: proxsuite's QPLayer, one element at a time in
-                              C++ (proximal augmented Lagrangian); gradients for all inputs by
-                              a KKT solve to its ``eps_backward``. Optional
-                              (``pip install --no-deps proxsuite cmeel``).
+                              C++ (proximal augmented Lagrangian); gradients for all inputs
+                              through x by a KKT solve to its ``eps_backward`` (duals returned
+                              detached). Wrong answers on some LPs, which the KKT check of
+                              layers.qp catches. Optional (``pip install --no-deps proxsuite
+                              cmeel``).
 qpth             qpth         peer for comparison: dense batched QPs with Q positive definite;
                               gradients through x only (duals returned detached). It can return a
                               wrong solution without warning; the KKT check of layers.qp catches
