@@ -18,7 +18,6 @@ __all__ = [
     "add_diag",
     "amax",
     "chol_solve",
-    "chol_solve_cols",
     "dot",
     "max_step",
     "one_thread",
@@ -51,15 +50,6 @@ def chol_solve(L: Tensor, r: Tensor) -> Tensor:
     """``(L L')^{-1} r`` for ``L (B, k, k)`` lower triangular and a row ``r (B, k)``."""
     t = torch.linalg.solve_triangular(L, r.unsqueeze(-1), upper=False)
     return torch.linalg.solve_triangular(L.mT, t, upper=True).squeeze(-1)
-
-
-def chol_solve_cols(L: Tensor, r: Tensor) -> Tensor:
-    """``(L L')^{-1} r`` for ``L (B, k, k)`` lower triangular and columns ``r (B, k, c)``.
-
-    Two triangular solves: on CPU several times faster than ``torch.cholesky_solve``, which
-    copies ``L`` into column-major order on every call."""
-    t = torch.linalg.solve_triangular(L, r, upper=False)
-    return torch.linalg.solve_triangular(L.mT, t, upper=True)
 
 
 _BLOCK = 64  # matrices up to this size are factorized by one LAPACK call

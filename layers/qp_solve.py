@@ -50,14 +50,21 @@ def run_ipm(
     return solve_qp_differentiable(prob.Q, prob.q, prob.G, prob.h, prob.A, prob.b, **opts)
 
 
+def _some_inequality(prob: QPProblem) -> tuple[Tensor, Tensor]:
+    """``(G, h)``, or the inactive ``0'x <= 1`` when there are none (qpth and proxsuite need
+    at least one inequality)."""
+    B, n, m, _ = prob.sizes
+    if m:
+        return prob.G, prob.h
+    return prob.q.new_zeros(B, 1, n), prob.q.new_ones(B, 1)
+
+
 def run_qpth(prob: QPProblem, settings: str, args: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
     """The ``qpth`` backend (OptNet's solver); its duals come back detached."""
     from qpth.qp import QPFunction
 
-    B, n, m, p = prob.sizes
-    G, h = prob.G, prob.h
-    if m == 0:  # qpth needs an inequality: 0'x <= 1 is inactive
-        G, h = prob.q.new_zeros(B, 1, n), prob.q.new_ones(B, 1)
+    B, _, m, p = prob.sizes
+    G, h = _some_inequality(prob)
     A, b = (prob.A, prob.b) if p else (torch.Tensor().to(prob.q), torch.Tensor().to(prob.q))
     opts = {
         "verbose": -1,
@@ -120,10 +127,8 @@ def run_proxsuite(
     inactive constraints, whose duals stay 0 under small changes)."""
     from proxsuite.torch.qplayer import QPFunction
 
-    B, n, m, p = prob.sizes
-    G, h = prob.G, prob.h
-    if m == 0:  # proxsuite needs a constraint: 0'x <= 1 is inactive
-        G, h = prob.q.new_zeros(B, 1, n), prob.q.new_ones(B, 1)
+    _, _, m, p = prob.sizes
+    G, h = _some_inequality(prob)
     lower = torch.full_like(h, -1e20)
     A, b = (prob.A, prob.b) if p else (prob.q.new_zeros(0), prob.q.new_zeros(0))
     opts = {**get_backend("proxsuite").solver_args(settings, True), **args}
