@@ -34,6 +34,7 @@ one clear error, never NaN, Inf or garbage. Tensor inputs go through :func:`chec
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -117,12 +118,11 @@ def check_positive(name: str, value: float | torch.Tensor) -> None:
     """``value`` (a number or tensor) is finite and > 0."""
     if isinstance(value, torch.Tensor):
         check_not_meta(name, value)
-    v = (
-        value.detach()
-        if isinstance(value, torch.Tensor)
-        else torch.tensor(float(value), dtype=torch.float64)
-    )
-    if not torch.isfinite(v).all() or (v <= 0).any():
+        v = value.detach()
+        ok = bool(torch.isfinite(v).all()) and not bool((v <= 0).any())
+    else:  # a number: checked without making a tensor (this runs on every call of a layer)
+        ok = math.isfinite(float(value)) and float(value) > 0
+    if not ok:
         raise ValueError(f"{name} must be > 0 and finite, got {value}")
 
 

@@ -19,10 +19,16 @@ same problems exactly, batched over all leading dims, on any device, with exact 
   projection onto ``{Y supported on the support, Y 1 = 0, Y' 1 = 0}``.
 
 All arithmetic that decides the solution runs in float64; results come back in the input dtype.
+On the CPU the permutahedron projection (sort, pooling, backward) and the single top-k threshold
+run as compiled loops (:mod:`layers._pav_kernel`, numba): one call per batch instead of dozens
+of small tensor operations, which is what a small problem costs otherwise. The batched torch code
+is the path on other devices (and with ``use_compiled = False``); the tests hold both to the
+same results.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -48,7 +54,43 @@ F64 = torch.float64
 # ---------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=1)
+def _kernels() -> Any:
+    """:mod:`layers._pav_kernel` (numba's compiled loops), or None without numba."""
+    try:
+        import layers._pav_kernel as kernels
+    except ImportError:  # pragma: no cover - numba is a dependency; the torch path still works
+        return None
+    return kernels
+
+
+def _compiled(*tensors: Tensor) -> Any:
+    """The compiled kernels when every tensor is on the CPU (and numba is there), else None."""
+    if not use_compiled or any(t.device.type != "cpu" for t in tensors):
+        return None
+    return _kernels()
+
+
+use_compiled = True  # False runs the batched torch code on the CPU too (the tests compare both)
+
+
+def _np(t: Tensor) -> Any:
+    return t.detach().numpy()
+
+
 def _pav_blocks(s: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Blocks of the decreasing isotonic regression of ``y = s - w`` (float64 ``(B, n)``):
+    :func:`_pav_blocks_torch`'s result, by one compiled loop for CPU tensors."""
+    kernels = _compiled(s, w)
+    if kernels is None:
+        return _pav_blocks_torch(s, w)
+    block = torch.empty(s.shape, dtype=torch.long)
+    count, ms, mw = (torch.empty_like(s) for _ in range(3))
+    kernels.pav_blocks(_np(s), _np(w), *(_np(t) for t in (block, count, ms, mw)))
+    return block, count, ms, mw
+
+
+def _pav_blocks_torch(s: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Blocks of the decreasing isotonic regression of ``y = s - w`` (rows of ``(B, n)``).
 
     Returns ``(block, count, ms, mw)``: ``block (B, n)`` the block index of every position,
@@ -100,6 +142,21 @@ class _PermutahedronProjection(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx: Any, z: Tensor, w: Tensor, z_sorted: bool, w_sorted: bool
     ) -> Tensor:
+        kernels = _compiled(z, w)
+        if kernels is not None:  # sort, pool and put back in one compiled call per batch
+            w_order = None
+            if not w_sorted:
+                w, w_order = torch.sort(w, dim=-1, descending=True)
+            r = torch.empty_like(z)
+            order = torch.empty(z.shape, dtype=torch.long)
+            block, count = torch.empty_like(order), torch.empty(z.shape, dtype=F64)
+            kernels.project_rows(
+                _np(z), _np(w), z_sorted, *(_np(t) for t in (r, order, block, count))
+            )
+            ctx.compiled = True
+            ctx.save_for_backward(block, count, order, w_order)
+            return r
+        ctx.compiled = False
         # sorted in the input's dtype (the same order, faster than in float64), then widened
         if z_sorted:
             s, z_order = z.to(F64), None
@@ -123,6 +180,13 @@ class _PermutahedronProjection(torch.autograd.Function):
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor, Tensor, None, None]:  # type: ignore[override]
         # a linear map with coefficients 1 / block size: exact enough in the gradient's dtype
         block, count, z_order, w_order = ctx.saved_tensors
+        if ctx.compiled:
+            g = g.contiguous()
+            gz, gw = torch.empty_like(g), torch.empty_like(g)
+            _kernels().project_rows_backward(*(_np(t) for t in (g, z_order, block, count, gz, gw)))
+            if w_order is not None:
+                gw = torch.empty_like(gw).scatter_(-1, w_order, gw)
+            return gz, gw, None, None
         gs = g if z_order is None else g.gather(-1, z_order)  # descending order of z
         avg = _block_average(gs, block, count.to(g.dtype))
         gz, gw = gs - avg, avg
@@ -166,7 +230,10 @@ def project_permutahedron(
     Differentiable in ``z`` and ``w``. ``z_sorted`` / ``w_sorted`` say that the input is already
     in descending order (``z`` without ties), which saves its sort.
     """
-    shape = z.shape if z.shape == w.shape else torch.broadcast_shapes(z.shape, w.shape)
+    if z.shape == w.shape or (w.dim() == 1 and w.shape[-1] == z.shape[-1]):
+        shape = z.shape  # the common cases, without torch.broadcast_shapes (tens of us)
+    else:
+        shape = torch.broadcast_shapes(z.shape, w.shape)
     n = shape[-1]
     z, w = z.expand(shape).reshape(-1, n), w.expand(shape).reshape(-1, n)
     return _PermutahedronProjection.apply(z, w, z_sorted, w_sorted).reshape(shape)
@@ -266,7 +333,13 @@ class _TopK(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, z: Tensor, k: int) -> Tensor:  # type: ignore[override]
         z64 = z.to(F64)
-        y = (z64 - _topk_thresholds(z, torch.tensor([k]))).clamp(0, 1)
+        kernels = _compiled(z)
+        if kernels is not None:
+            nu = torch.empty(z.shape[0], 1, dtype=F64)
+            kernels.topk_thresholds(_np(z64), float(k), _np(nu))
+        else:
+            nu = _topk_thresholds(z, torch.tensor([k]))
+        y = (z64 - nu).clamp(0, 1)
         ctx.save_for_backward((y > 0) & (y < 1))
         return y.to(z.dtype)
 

@@ -31,6 +31,16 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(params=["compiled", "torch"])
+def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both CPU paths of the permutahedron and top-k solvers: numba's loops and the batched
+    torch code (the path on other devices)."""
+    if request.param == "compiled" and sort_native._kernels() is None:
+        pytest.skip("numba is not installed")
+    monkeypatch.setattr(sort_native, "use_compiled", request.param == "compiled")
+    return request.param
+
+
 def _inputs(kind: str, B: int, n: int) -> torch.Tensor:
     """Random scores of a kind: plain, with ties, huge (1e6) or tiny (1e-6) scale."""
     x = torch.randn(B, n, dtype=F64)
@@ -92,7 +102,7 @@ def _agree(f_native, f_cvxpy, x: torch.Tensor, scale: float = 1.0) -> None:
 
 @pytest.mark.parametrize("kind", ["plain", "ties", "huge", "tiny"])
 @pytest.mark.parametrize("eps", [0.13, 1.1])  # ties at half-integers: no exact kink
-def test_soft_rank_and_sort_match_cvxpy(kind: str, eps: float) -> None:
+def test_soft_rank_and_sort_match_cvxpy(kind: str, eps: float, path: str) -> None:
     x = _inputs(kind, 6, 7)
     top = x.abs().max().item()
     strength = eps * (top if kind in ("huge", "tiny") else 1.0)
@@ -118,7 +128,7 @@ def test_soft_rank_and_sort_match_cvxpy(kind: str, eps: float) -> None:
 
 @pytest.mark.parametrize("kind", ["plain", "ties", "huge"])
 @pytest.mark.parametrize("k", [1, 3, 6])
-def test_lp_topk_matches_cvxpy(kind: str, k: int) -> None:
+def test_lp_topk_matches_cvxpy(kind: str, k: int, path: str) -> None:
     x = _inputs(kind, 5, 7)
     eps = 0.37 * (x.abs().max().item() if kind == "huge" else 1.0)  # no kink at a tie
     _agree(
@@ -170,7 +180,7 @@ def test_lp_birkhoff_sort_is_optimal(n: int, kind: str, eps: float) -> None:
     assert P.min() >= 0
 
 
-def test_project_permutahedron_matches_isotonic_statement() -> None:
+def test_project_permutahedron_matches_isotonic_statement(path: str) -> None:
     """The generic projection (any ``w``) against the ``isotonic`` CVXPY statement's layer."""
     z, w = torch.randn(6, 9, dtype=F64), torch.randn(6, 9, dtype=F64)
     _agree(
@@ -185,7 +195,7 @@ def test_project_permutahedron_matches_isotonic_statement() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def test_gradcheck() -> None:
+def test_gradcheck(path: str) -> None:
     x = torch.randn(3, 6, dtype=F64, requires_grad=True)
     w = torch.randn(3, 6, dtype=F64, requires_grad=True)
     assert gradcheck(sort_native.project_permutahedron, (x, w))
@@ -196,7 +206,7 @@ def test_gradcheck() -> None:
 
 
 @pytest.mark.parametrize("fn", ["soft_rank", "soft_sort", "topk", "permutahedron", "birkhoff"])
-def test_hard_limit(fn: str) -> None:
+def test_hard_limit(fn: str, path: str) -> None:
     """Strength -> 0 gives the hard answer (distinct scores)."""
     x = torch.randn(5, 8, dtype=F64)
     eps = 1e-6
@@ -214,7 +224,7 @@ def test_hard_limit(fn: str) -> None:
     assert torch.allclose(got(), want, atol=1e-9)
 
 
-def test_leading_dims_dtypes_and_half_precision() -> None:
+def test_leading_dims_dtypes_and_half_precision(path: str) -> None:
     x = torch.randn(2, 3, 7)
     for f in (
         lambda v: soft_rank(v, 0.3, backend="native"),
@@ -234,7 +244,7 @@ def test_leading_dims_dtypes_and_half_precision() -> None:
     assert torch.isfinite(r).all() and r.dtype == torch.float16
 
 
-def test_soft_rank_of_huge_values_stays_in_range() -> None:
+def test_soft_rank_of_huge_values_stays_in_range(path: str) -> None:
     """Ranks of values near 1e8 (float32) and 1e30 (float64) lie in [1, n] and are the exact
     ranks: the pooling compares sorted values and weights separately (no cancellation)."""
     for x in (torch.randn(3, 5) * 1e8, torch.randn(3, 5, dtype=F64) * 1e30):
@@ -263,9 +273,45 @@ def test_unknown_backend_lists_native() -> None:
         soft_rank(torch.randn(2, 3), backend="nope")
 
 
-def test_isotonic_regression_matches_its_statement() -> None:
+def test_isotonic_regression_matches_its_statement(path: str) -> None:
     """The ``isotonic`` CVXPY statement (the permutahedron projection's dual) solved directly."""
     y = torch.randn(5, 9, dtype=F64)
     layer = SL.sort_qp_layer("isotonic", 9, 0, "moreau")
     _agree(sort_native.isotonic_regression, layer.solve, y)
     assert gradcheck(sort_native.isotonic_regression, (y.clone().requires_grad_(),))
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 47, 49, 300])  # 48: the compiled sort's switch
+@pytest.mark.parametrize("kind", ["plain", "ties", "huge"])
+def test_compiled_and_torch_paths_agree(n: int, kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """numba's loops against the batched torch code on the same inputs: projections (sorted
+    and unsorted ``z``, float32 and float64), isotonic regression and top-k, values and
+    gradients, to rounding."""
+    if sort_native._kernels() is None:
+        pytest.skip("numba is not installed")
+    x = _inputs(kind, 9, n)
+    w = torch.randn(9, n, dtype=F64)
+    g = torch.randn(9, n, dtype=F64)
+    k = max(1, n // 3)
+    fns = {
+        "projection": lambda v: sort_native.project_permutahedron(v, w),
+        "projection of sorted z": lambda v: sort_native.project_permutahedron(v, w, z_sorted=True),
+        "float32": lambda v: sort_native.project_permutahedron(v.float(), w.float()).double(),
+        "isotonic": sort_native.isotonic_regression,
+        "rank": lambda v: soft_rank(v, 0.7, backend="native"),
+    }
+    if n > 1:
+        fns["topk"] = lambda v: sort_native.topk_projection(v, k) if k < n else v
+    xs = {"projection of sorted z": torch.sort(x, dim=-1, descending=True).values}
+    for name, f in fns.items():
+        out = {}
+        for compiled in (True, False):
+            monkeypatch.setattr(sort_native, "use_compiled", compiled)
+            out[compiled] = _value_and_grad(f, xs.get(name, x), g)
+        # rounding of exact methods: relative to the outputs and to n times the inputs
+        scale = 1.0 + out[False][0].abs().max().item() + 1e-3 * n * x.abs().max().item()
+        tol = (1e-5 if name == "float32" else 1e-12) * scale
+        assert torch.allclose(out[True][0], out[False][0], atol=tol, rtol=0), name
+        if kind != "ties":  # at ties the two may take different one-sided derivatives
+            gtol = 1e-5 if name == "float32" else 1e-9
+            assert torch.allclose(out[True][1], out[False][1], atol=gtol, rtol=0), name
