@@ -62,6 +62,13 @@ class SortConfig(RunFlags):
         metadata={"help": "zoom each training digit by a factor in [1 - scale, 1 + scale]"},
     )
     num_samples: int = field(default=5, metadata={"help": "samples (neuralsort-stochastic)"})
+    loss_floor: float = field(
+        default=1e-20,
+        metadata={
+            "help": "the loss is -sum P log(max(P_hat, this)): an entry of P_hat below it costs "
+            "log(1/this) and passes no gradient (1e-20: the paper's cross-entropy, in effect)"
+        },
+    )
     num_epochs: int = field(default=10, metadata={"help": "epochs"})
     steps_per_epoch: int = field(default=500, metadata={"help": "steps per epoch"})
     num_digits: int = field(default=4, metadata={"help": "digits per number"})
@@ -96,6 +103,8 @@ class SortConfig(RunFlags):
         for name, low in least.items():
             if not getattr(self, name) >= low:  # not `<`: NaN fails this too
                 raise ValueError(f"--{name} must be >= {low}, got {getattr(self, name)}")
+        if not 0 < self.loss_floor < 1:
+            raise ValueError(f"--loss_floor must be in (0, 1), got {self.loss_floor}")
         if not 0 <= self.scale < 1:
             raise ValueError(f"--scale must be in [0, 1), got {self.scale}")
         if not 0 <= self.tied <= 1:

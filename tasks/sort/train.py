@@ -116,7 +116,7 @@ def run(cfg) -> dict:
             scores, values = scores.flatten()[pick], values.flatten()[pick]
         p_true = true_permutation(values)
         p_hat = relax(scores)  # (..., b, n, n); stochastic: leading samples dim
-        loss = -(p_true * torch.log(p_hat.clamp_min(1e-20))).sum(-1).mean()
+        loss = -(p_true * torch.log(p_hat.clamp_min(cfg.loss_floor))).sum(-1).mean()
         loss.backward()
         step_times.append(time.perf_counter() - t0)
         return {"loss": loss.item()}

@@ -4,6 +4,7 @@ regrouping, a short run of every relaxation end to end, and one-line errors."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -213,6 +214,18 @@ def test_training_flags_change_training(flag, value, tmp_path):
     assert other["config"][flag] == value and plain["config"][flag] == 0
 
 
+def test_loss_floor_changes_the_loss_and_is_recorded(tmp_path):
+    """Entries of P_hat below the floor cost log(1 / floor): at n = 3 from a fresh CNN (every
+    entry near 1/3) a floor of 0.5 caps the loss at log 2."""
+    args = [*TINY, "--num_epochs", "1"]
+    plain = run_sort.main([*args, "--out", str(tmp_path / "a")])
+    floored = run_sort.main([*args, "--loss_floor", "0.5", "--out", str(tmp_path / "b")])
+    rows = [(tmp_path / d / "metrics.csv").read_text().splitlines()[1] for d in "ab"]
+    losses = [float(r.split(",")[1]) for r in rows]
+    assert losses[1] == pytest.approx(math.log(2), rel=1e-6) and losses[0] > losses[1]
+    assert floored["config"]["loss_floor"] == 0.5 and plain["config"]["loss_floor"] == 1e-20
+
+
 def test_digit_reuse_changes_training_and_is_recorded(tmp_path):
     args = [*TINY, "--num_epochs", "1", "--shift", "1"]
     plain = run_sort.main([*args, "--out", str(tmp_path / "a")])
@@ -234,6 +247,7 @@ def test_digit_reuse_changes_training_and_is_recorded(tmp_path):
         (["--tied", "1.5"], "--tied must be in [0, 1]"),
         (["--rotate", "-5"], "--rotate must be >= 0"),
         (["--scale", "1"], "--scale must be in [0, 1)"),
+        (["--loss_floor", "0"], "--loss_floor must be in (0, 1)"),
         (["--weight_decay", "-1"], "--weight_decay must be >= 0"),
         (["--digit_reuse", "5"], "--digit_reuse must divide batch_size * n * num_digits = 48"),
         (["--digit_reuse", "2", "--tied", "0.5"], "use --tied 0"),

@@ -1,0 +1,171 @@
+"""The tuning protocol of the sorting task: every relaxation's temperature from one grid.
+
+Each relaxation in ``--sorts`` is trained once per value of ``--taus`` (the NeuralSort
+temperature, the LP regularization strength, the Sinkhorn temperature: each relaxation's
+``tau``) with the recipe given by the other flags (those of ``tasks/run_sort.py``), for the same
+short budget of ``--steps`` steps (one epoch, cosine learning rate), and scored on the same
+validation sequences. The value with the best validation exact-match accuracy is the
+relaxation's ``tau`` for its full runs (ties: the smaller tau).
+
+    python tasks/tune_sort.py --n 5 --sorts neuralsort lp-permutahedron \\
+        --taus 0.1 0.3 1 3 10 --steps 1200 --data_dir ../shared/data --out results/sort/tuning-n5
+
+Writes one run folder per (relaxation, tau) under ``--out`` (default
+``results/sort/tuning-n<n>``; a point is skipped when its results.json
+exists, so an interrupted sweep continues), then ``tuning.csv``, ``tuning.json`` (rows and the
+choice per relaxation; with each point's ``score_spread``, the spread of its best model's scores
+within a validation sequence, and ``spread_over_tau``) and ``tuning.png`` (validation accuracy
+against tau).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tasks.common.cli import parse_config, run_main, write_json
+from tasks.common.data import MultiDigitSequences, load_dataset
+from tasks.common.models import SortCNN
+from tasks.common.plots import plt
+from tasks.sort.config import SORTS, SortConfig
+from tasks.sort.train import run
+
+FIELDS = (
+    "sort",
+    "tau",
+    "val_exact",
+    "score_spread",
+    "spread_over_tau",
+    "seconds_per_step",
+    "minutes",
+    "run",
+)
+
+
+@dataclass
+class TuneConfig(SortConfig):
+    """Choose each relaxation's tau on validation from one grid at one short budget."""
+
+    sorts: list[str] = field(
+        default_factory=lambda: ["neuralsort", "lp-permutahedron"],
+        metadata={"help": f"relaxations to tune (of {', '.join(SORTS)})"},
+    )
+    taus: list[float] = field(
+        default_factory=lambda: [0.1, 0.3, 1.0, 3.0, 10.0],
+        metadata={"help": "the grid of temperatures / regularization strengths"},
+    )
+    steps: int = field(default=1200, metadata={"help": "training steps per grid point"})
+
+    def validate(self) -> None:
+        self.out = self.out or f"results/sort/tuning-n{self.n}"  # before SortConfig's default
+        super().validate()
+        bad = [s for s in self.sorts if s not in SORTS]
+        if bad or not self.sorts:
+            raise ValueError(f"--sorts must name some of {', '.join(SORTS)}, got {self.sorts}")
+        if not self.taus or any(not t > 0 for t in self.taus):
+            raise ValueError(f"--taus must be positive, got {self.taus}")
+        if self.steps < 1:
+            raise ValueError(f"--steps must be >= 1, got {self.steps}")
+
+
+def point_config(cfg: TuneConfig, sort: str, tau: float) -> SortConfig:
+    """The run of one grid point: the recipe's flags, one epoch of ``--steps`` steps."""
+    base = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(SortConfig)}
+    base.update(
+        sort=sort,
+        tau=tau,
+        num_epochs=1,
+        steps_per_epoch=cfg.steps,
+        out=str(Path(cfg.out) / f"{sort}-tau{tau:g}"),
+        resume=False,
+    )
+    return SortConfig(**base)
+
+
+def choose(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """The chosen tau per relaxation: best validation exact match, ties to the smaller tau."""
+    best: dict[str, dict[str, Any]] = {}
+    for r in sorted(rows, key=lambda r: (r["sort"], r["tau"])):
+        if r["sort"] not in best or r["val_exact"] > best[r["sort"]]["val_exact"]:
+            best[r["sort"]] = r
+    return {s: r["tau"] for s, r in best.items()}
+
+
+def score_spread(cfg: TuneConfig, runs: list[str], sequences: int = 300) -> list[float]:
+    """For each run folder, the spread of its best model's scores within a validation sequence
+    (the standard deviation of the centred scores over ``sequences`` fixed sequences): set
+    against ``tau``, it says where on the relaxation's scale the network settled."""
+    data = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download, seed=0)
+    x, _ = MultiDigitSequences(data.val_x, data.val_y, cfg.n, cfg.num_digits).fixed(
+        sequences, seed=1
+    )
+    net = SortCNN(cfg.num_digits).eval()
+    out = []
+    for run_dir in runs:
+        best = torch.load(Path(run_dir) / "best.pt", map_location="cpu", weights_only=False)
+        net.load_state_dict(best["model"])
+        with torch.no_grad():
+            s = net(x.flatten(0, 1)).view(x.shape[:2])
+        out.append(float((s - s.mean(-1, keepdim=True)).std()))
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    cfg = parse_config(TuneConfig, argv)  # runs validate()
+    out = Path(cfg.out)
+    rows = []
+    for sort in cfg.sorts:
+        for tau in cfg.taus:
+            pc = point_config(cfg, sort, tau)
+            done = Path(pc.out) / "results.json"
+            res = json.loads(done.read_text()) if done.exists() else run(pc)
+            rows.append(
+                {
+                    "sort": sort,
+                    "tau": tau,
+                    "val_exact": res["val_exact"],
+                    "seconds_per_step": res["seconds_per_step"],
+                    "minutes": res["minutes"],
+                    "run": Path(pc.out).name,
+                }
+            )
+    spreads = score_spread(cfg, [str(out / r["run"]) for r in rows])
+    for r, spread in zip(rows, spreads):
+        r["score_spread"], r["spread_over_tau"] = spread, spread / r["tau"]
+    chosen = choose(rows)
+    with open(out / "tuning.csv", "w") as fh:
+        fh.write(",".join(FIELDS) + "\n")
+        for r in rows:
+            fh.write(",".join("" if r[k] is None else str(r[k]) for k in FIELDS) + "\n")
+    write_json(
+        out / "tuning.json", {"config": dataclasses.asdict(cfg), "rows": rows, "chosen": chosen}
+    )
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for sort in cfg.sorts:
+        pts = sorted((r["tau"], r["val_exact"]) for r in rows if r["sort"] == sort)
+        ax.plot(*zip(*pts), marker="o", label=f"{sort} (chosen {chosen[sort]:g})")
+    ax.set(
+        xscale="log",
+        xlabel="tau",
+        ylabel="validation exact match",
+        title=f"n = {cfg.n}, {cfg.steps} steps",
+    )
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "tuning.png", dpi=120)
+    for r in rows:
+        print(
+            f"{r['sort']:>22} tau {r['tau']:<6g} val exact {r['val_exact']:.3f}"
+            f"  score spread / tau {r['spread_over_tau']:.3g}"
+        )
+    print("chosen:", chosen)
+    return {"rows": rows, "chosen": chosen}
+
+
+if __name__ == "__main__":
+    run_main(main)
