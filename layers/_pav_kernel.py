@@ -33,39 +33,15 @@ def pav_blocks(
     version does, which keeps ties in huge ``s`` exact).
     """
     B, n = s.shape
-    ss = np.empty(n)
-    sw = np.empty(n)
-    cnt = np.empty(n, np.int64)
-    first = np.empty(n, np.int64)
+    means = np.empty((2, n))
+    work = np.empty((2, n))
+    iwork = np.empty((2, n), np.int64)
     for b in range(B):
-        top = -1
-        for i in range(n):
-            top += 1
-            ss[top] = s[b, i]
-            sw[top] = w[b, i]
-            cnt[top] = 1
-            first[top] = i
-            while top > 0:
-                c0 = cnt[top - 1]
-                c1 = cnt[top]
-                if ss[top - 1] / c0 - ss[top] / c1 < sw[top - 1] / c0 - sw[top] / c1:
-                    ss[top - 1] += ss[top]
-                    sw[top - 1] += sw[top]
-                    cnt[top - 1] += c1
-                    top -= 1
-                else:
-                    break
-        for k in range(top + 1):
-            c = cnt[k]
-            ms[b, k] = ss[k] / c
-            mw[b, k] = sw[k] / c
-            count[b, k] = c
-            for i in range(first[k], first[k] + c):
-                block[b, i] = k
-        for k in range(top + 1, n):
-            ms[b, k] = 0.0
-            mw[b, k] = 0.0
-            count[b, k] = 1.0
+        _pav_row(s[b], w[b], block[b], count[b], means, work, iwork)
+        blocks = block[b, n - 1] + 1
+        for k in range(n):
+            ms[b, k] = means[0, k] if k < blocks else 0.0
+            mw[b, k] = means[1, k] if k < blocks else 0.0
 
 
 @numba.njit(cache=True, nogil=True)
