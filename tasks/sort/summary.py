@@ -1,5 +1,5 @@
-"""The comparison over finished sort runs: summary.md, summary.json and accuracy_vs_n.png
-beside them, with the NeuralSort paper's numbers."""
+"""The comparison over finished sort runs: summary.md, summary.json, accuracy_vs_n.png and
+accuracy_vs_minutes.png beside them, with the NeuralSort paper's numbers."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from tasks.common.cli import atomic_write_text, write_json
+from tasks.common.plots import read_csv
 
 PAPER = {
     3: (0.930, 0.951),
@@ -73,6 +74,7 @@ def summarize(root: str | Path) -> None:
                 "ms_per_step": 1000 * r["seconds_per_step"],
                 "steps": r.get("steps"),
                 "minutes_to_best": r.get("minutes_to_best"),
+                "loss_floor": c.get("loss_floor", 1e-20),
             }
         )
     if not runs:
@@ -80,8 +82,9 @@ def summarize(root: str | Path) -> None:
     runs.sort(key=lambda r: (r["n"], r["sort"]))
     lines = [
         "| n | relaxation | run | tau | lr | groupings | near groupings | digit reuse | "
-        "test exact | test element-wise | paper (NeuralSort) | ms/step | steps | minutes |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "loss floor | test exact | test element-wise | paper (NeuralSort) | ms/step | steps | "
+        "minutes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         paper = PAPER.get(r["n"])
@@ -90,7 +93,7 @@ def summarize(root: str | Path) -> None:
         lines.append(
             f"| {r['n']} | {r['sort']} | {r['run']} | {r['tau']:g} | {r['lr']:g} | "
             f"{r['groupings']} | {r['near_groupings']} | {r['digit_reuse']} | "
-            f"{r['test_exact']:.3f} | {r['test_elementwise']:.3f} | {ptxt} | "
+            f"{r['loss_floor']:g} | {r['test_exact']:.3f} | {r['test_elementwise']:.3f} | {ptxt} | "
             f"{r['ms_per_step']:.0f} | {r['steps']} | {minutes} |"
         )
     lines += ["", *_by_relaxation_and_n(runs)]
@@ -120,4 +123,33 @@ def summarize(root: str | Path) -> None:
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(root / "accuracy_vs_n.png", dpi=110)
+    plt.close(fig)
+    _plot_against_minutes(root, best, plt)
+
+
+def _plot_against_minutes(root: Path, best: dict[tuple[str, int], dict], plt) -> None:
+    """accuracy_vs_minutes.png: validation exact accuracy against wall-clock minutes (the
+    epochs' ``seconds`` in metrics.csv, summed), one panel per n, the run of each relaxation
+    that is best on validation."""
+    ns = sorted({n for _, n in best})
+    fig, axes = plt.subplots(1, len(ns), figsize=(4 * len(ns), 3.4), squeeze=False)
+    for ax, n in zip(axes[0], ns):
+        for (name, rn), r in sorted(best.items()):
+            if rn != n:
+                continue
+            path = root / r["run"] / "metrics.csv"
+            if not path.exists():
+                continue
+            rows = read_csv(path)
+            minutes = [
+                sum(float(x["seconds"]) for x in rows[: i + 1]) / 60 for i in range(len(rows))
+            ]
+            ax.plot(minutes, [float(x["val_exact"]) for x in rows], marker=".", label=name)
+        if n in PAPER:
+            ax.axhline(PAPER[n][0], color="k", ls="--", lw=1, label="paper (test)")
+        ax.set(title=f"n = {n}", xlabel="minutes", ylabel="validation exact", ylim=(0, 1))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(root / "accuracy_vs_minutes.png", dpi=110)
     plt.close(fig)

@@ -268,6 +268,7 @@ def test_summarize_tabulates_every_run_beside_it(tmp_path):
         (tmp_path / name / "results.json").write_text(json.dumps(result | {"minutes_to_best": 2}))
 
     run("b", 5, "sinkhorn", 0.4, 0.4)
+    (tmp_path / "b" / "metrics.csv").write_text("epoch,val_exact,seconds\n1,0.3,60\n2,0.4,60\n")
     run("a", 3, "neuralsort", 0.7, 0.7)
     run("c", 3, "sinkhorn", 0.6, 0.5)
     # d: better on test than c, worse on validation
@@ -281,13 +282,14 @@ def test_summarize_tabulates_every_run_beside_it(tmp_path):
     assert "0.930 (0.951)" in rows[1]  # the paper's n = 3 figure beside it
     assert rows[1].startswith("| 3 | neuralsort | a | ")  # each run named by its folder
     assert "| groupings | near groupings | digit reuse |" in rows[0]
-    assert "| 1 | 0 | 1 | 0.700 |" in rows[1]  # runs before a flag read its default
-    assert "| d | 1 | 0.001 | 1 | 20 | 4 | 0.650 |" in rows[3]
+    assert "| 1 | 0 | 1 | 1e-20 | 0.700 |" in rows[1]  # runs before a flag read its default
+    assert "| d | 1 | 0.001 | 1 | 20 | 4 | 1e-20 | 0.650 |" in rows[3]
     pivot = text.split("\n\n")[1].splitlines()
     assert pivot[0] == "| relaxation | n = 3 | n = 5 |"
     assert pivot[3] == "| sinkhorn | 0.600 (0.700), 200 ms | 0.400 (0.500), 200 ms |"
     assert pivot[2].startswith("| neuralsort | 0.700 (0.800), 200 ms | - |")
     assert (tmp_path / "accuracy_vs_n.png").stat().st_size > 0
+    assert (tmp_path / "accuracy_vs_minutes.png").stat().st_size > 0
 
 
 def test_best_epoch_breaks_exact_ties_by_elementwise_accuracy(tmp_path, monkeypatch):
