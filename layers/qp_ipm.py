@@ -17,10 +17,12 @@ This module knows nothing of backends: the layer (:mod:`layers.qp`) passes the s
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -616,6 +618,55 @@ def _interior_point(
     return pt, status, res, it
 
 
+@functools.lru_cache(maxsize=1)
+def _qp_kernel() -> Any:
+    """:mod:`layers._qp_kernel` (numba), or None without numba."""
+    try:
+        import layers._qp_kernel as kernel
+    except ImportError:  # pragma: no cover - numba is a dependency; the batched path still works
+        return None
+    return kernel
+
+
+use_compiled = True  # False: the batched solver on the CPU too (the tests compare both)
+
+
+def _interior_point_any(
+    pb: _Scaled, tol: float, max_iter: int
+) -> tuple[_Iterate, Tensor, _Residuals, int]:
+    """:func:`_interior_point`'s result. Inequality-only float64 problems on the CPU are solved
+    one element at a time by the compiled loop of :mod:`layers._qp_kernel` (each element's
+    matrices stay in cache); the elements it leaves unsolved, and every other problem, by the
+    batched solver."""
+    B, n, m, p = pb.sizes
+    kernel = _qp_kernel() if use_compiled else None
+    if kernel is None or p or pb.q.device.type != "cpu" or pb.q.dtype != torch.float64:
+        return _interior_point(pb, tol, max_iter)
+    x, s, lam = pb.q.new_empty(B, n), pb.q.new_empty(B, m), pb.q.new_empty(B, m)
+    iters, merit = torch.empty(B, dtype=torch.long), pb.q.new_empty(B)
+    data = [v.contiguous().numpy() for v in (pb.Q, pb.q.view(B, n), pb.G, pb.h.view(B, m))]
+    scales = [v.reshape(B).contiguous().numpy() for v in (pb.reg, pb.dcap, pb.pscale, pb.qmax)]
+    try:
+        kernel.solve_batch(
+            *data, *scales, tol, max_iter, *(v.numpy() for v in (x, s, lam, iters, merit))
+        )
+    except np.linalg.LinAlgError:  # a reduced matrix not positive definite: the batched solver
+        return _interior_point(pb, tol, max_iter)  # regularizes and falls back to LU
+    pt = _Iterate(x.unsqueeze(-1), s.unsqueeze(-1), lam.unsqueeze(-1), pb.q.new_zeros(B, 0, 1))
+    res = _residuals(pb, pt)
+    solved = res.merit.flatten() <= tol
+    status = torch.where(solved, SOLVED, RUNNING).view(B, 1, 1)
+    it = int(iters.max())
+    left = torch.nonzero(~solved).flatten()
+    if left.numel():
+        sub = _Scaled(*(v[left] for v in _values(pb)))
+        pt2, status2, res2, it2 = _interior_point(sub, tol, max_iter)
+        pt = _Iterate(*(v.index_copy(0, left, v2) for v, v2 in zip(pt.fields(), pt2.fields())))
+        res = _Residuals(*(v.index_copy(0, left, v2) for v, v2 in zip(_values(res), _values(res2))))
+        status, it = status.index_copy(0, left, status2), max(it, it2)
+    return pt, status, res, it
+
+
 def _values(obj: Any) -> list[Any]:
     """A dataclass's field values (not copies, unlike ``dataclasses.astuple``)."""
     return [getattr(obj, f.name) for f in dataclasses.fields(obj)]
@@ -806,7 +857,7 @@ def _solve_qp(
         pt, status = _solve_equality_only(pb, tol)
         res, it = _residuals(pb, pt), 1
     else:
-        pt, status, res, it = _interior_point(pb, tol, max_iter)
+        pt, status, res, it = _interior_point_any(pb, tol, max_iter)
 
     status = status.flatten()
     if classify:
