@@ -158,8 +158,8 @@ BACKENDS: dict[str, Backend] = {
             accurate={"tol": 1e-12, "max_iter": 60},
             solver_defaults={"tol": 1e-12, "max_iter": 60},
             needs="torch",
-            about="batched dense primal-dual interior point in torch, implicit KKT backward; "
-            "dense QPs, large batches, GPU",
+            about="dense primal-dual interior point (batched torch; on the CPU a compiled "
+            "loop per element), implicit KKT backward; dense QPs, large batches, GPU",
         ),
         Backend(
             "moreau",

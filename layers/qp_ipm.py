@@ -3,7 +3,10 @@
     minimize 1/2 x'Qx + q'x   subject to  Gx <= h,  Ax = b     (for each batch element)
 
 * :func:`solve_qp` -- Mehrotra predictor-corrector in pure torch, float64 internally, on any
-  device, no Python loop over batch elements. It returns a :class:`QPSolution` with an info
+  device, no Python loop over batch elements. On the CPU, inequality-only problems (after
+  eliminating equalities) run the same method one element at a time in a compiled loop
+  (:mod:`layers._qp_kernel`, numba), where each element's matrices stay in cache; what it
+  leaves unsolved goes to the batched code. It returns a :class:`QPSolution` with an info
   record (:class:`QPInfo`: iterations, residuals, status codes from :data:`STATUS_NAMES`).
 * :func:`kkt_residuals` -- primal, dual and complementarity residuals of a candidate solution.
 * :func:`solve_qp_differentiable` -- :func:`solve_qp` as an autograd function whose backward
@@ -19,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -637,7 +641,7 @@ def _interior_point_any(
     """:func:`_interior_point`'s result. Inequality-only float64 problems on the CPU are solved
     one element at a time by the compiled loop of :mod:`layers._qp_kernel` (each element's
     matrices stay in cache); the elements it leaves unsolved, and every other problem, by the
-    batched solver."""
+    batched solver. The batch is split over ``torch.get_num_threads()`` threads."""
     B, n, m, p = pb.sizes
     kernel = _qp_kernel() if use_compiled else None
     if kernel is None or p or pb.q.device.type != "cpu" or pb.q.dtype != torch.float64:
@@ -646,10 +650,21 @@ def _interior_point_any(
     iters, merit = torch.empty(B, dtype=torch.long), pb.q.new_empty(B)
     data = [v.contiguous().numpy() for v in (pb.Q, pb.q.view(B, n), pb.G, pb.h.view(B, m))]
     scales = [v.reshape(B).contiguous().numpy() for v in (pb.reg, pb.dcap, pb.pscale, pb.qmax)]
-    try:
+    outs = [v.numpy() for v in (x, s, lam, iters, merit)]
+    workers = max(1, min(torch.get_num_threads(), B))
+    parts = [slice(i * B // workers, (i + 1) * B // workers) for i in range(workers)]
+
+    def solve(part: slice) -> None:  # the loop releases the GIL: parts run in parallel
         kernel.solve_batch(
-            *data, *scales, tol, max_iter, *(v.numpy() for v in (x, s, lam, iters, merit))
+            *(v[part] for v in data + scales), tol, max_iter, *(v[part] for v in outs)
         )
+
+    try:
+        if workers == 1:
+            solve(parts[0])
+        else:
+            with ThreadPoolExecutor(workers) as pool:
+                list(pool.map(solve, parts))
     except np.linalg.LinAlgError:  # a reduced matrix not positive definite: the batched solver
         return _interior_point(pb, tol, max_iter)  # regularizes and falls back to LU
     pt = _Iterate(x.unsqueeze(-1), s.unsqueeze(-1), lam.unsqueeze(-1), pb.q.new_zeros(B, 0, 1))

@@ -110,3 +110,23 @@ def test_compiled_and_batched_solvers_agree(case, monkeypatch):
     assert torch.allclose(a.x[ok], c.x[ok], atol=1e-8 * scale, rtol=0)
     if case != "degenerate":  # repeated rows share their dual in any proportion
         assert torch.allclose(a.lam[ok], c.lam[ok], atol=1e-8 * (1 + c.lam[ok].abs().max()))
+
+
+def test_compiled_solver_splits_the_batch_over_threads():
+    """With two torch threads the compiled loop runs two halves of the batch in parallel
+    threads: the same answer as one thread, element by element."""
+    from layers import qp_ipm
+
+    if qp_ipm._qp_kernel() is None:
+        pytest.skip("numba is not installed")
+    data = problem(B=7, n=12, m=9, p=0)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = solve_qp(*data)
+        torch.set_num_threads(2)
+        two = solve_qp(*data)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one.x, two.x) and torch.equal(one.lam, two.lam)
+    assert two.info.status_names == ["solved"] * 7
