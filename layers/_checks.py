@@ -89,10 +89,22 @@ def check_not_meta(name: str, x: torch.Tensor) -> None:
         )
 
 
+def _all_finite(x: torch.Tensor) -> bool:
+    """No NaN/Inf in a floating ``x``: one pass of ``aminmax`` (which propagates NaN), several
+    times faster than ``isfinite(x).all()`` on large tensors, which writes a mask first."""
+    if x.numel() == 0:
+        return True
+    try:
+        lo, hi = torch.aminmax(x.detach())
+    except (RuntimeError, NotImplementedError):  # a dtype or device without aminmax
+        return bool(torch.isfinite(x).all())
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
 def check_finite(name: str, x: torch.Tensor) -> None:
     """A floating ``x`` has no NaN/Inf entries (other dtypes pass)."""
     check_not_meta(name, x)
-    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+    if x.is_floating_point() and not _all_finite(x):
         bad = int((~torch.isfinite(x)).sum())
         raise ValueError(f"{name} has {bad} NaN/Inf entries; clean the input before this layer")
 

@@ -11,8 +11,9 @@
 * :func:`kkt_residuals` -- primal, dual and complementarity residuals of a candidate solution.
 * :func:`solve_qp_differentiable` -- :func:`solve_qp` as an autograd function whose backward
   applies the implicit function theorem to the KKT conditions at the solution (OptNet eqs.
-  6-8), solved with the same KKT machinery as the forward pass plus iterative refinement. It
-  covers all six inputs and the duals as outputs.
+  6-8), solved with the same KKT machinery as the forward pass plus iterative refinement (on
+  the CPU, for inequality-only float64 problems, one element at a time by the compiled loop).
+  It covers all six inputs and the duals as outputs.
 
 This module knows nothing of backends: the layer (:mod:`layers.qp`) passes the settings.
 """
@@ -26,7 +27,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -651,22 +651,13 @@ def _interior_point_any(
     data = [v.contiguous().numpy() for v in (pb.Q, pb.q.view(B, n), pb.G, pb.h.view(B, m))]
     scales = [v.reshape(B).contiguous().numpy() for v in (pb.reg, pb.dcap, pb.pscale, pb.qmax)]
     outs = [v.numpy() for v in (x, s, lam, iters, merit)]
-    workers = max(1, min(torch.get_num_threads(), B))
-    parts = [slice(i * B // workers, (i + 1) * B // workers) for i in range(workers)]
 
-    def solve(part: slice) -> None:  # the loop releases the GIL: parts run in parallel
+    def solve(part: slice) -> None:
         kernel.solve_batch(
             *(v[part] for v in data + scales), tol, max_iter, *(v[part] for v in outs)
         )
 
-    try:
-        if workers == 1:
-            solve(parts[0])
-        else:
-            with ThreadPoolExecutor(workers) as pool:
-                list(pool.map(solve, parts))
-    except np.linalg.LinAlgError:  # a reduced matrix not positive definite: the batched solver
-        return _interior_point(pb, tol, max_iter)  # regularizes and falls back to LU
+    _split(solve, B)
     pt = _Iterate(x.unsqueeze(-1), s.unsqueeze(-1), lam.unsqueeze(-1), pb.q.new_zeros(B, 0, 1))
     res = _residuals(pb, pt)
     solved = res.merit.flatten() <= tol
@@ -981,6 +972,10 @@ def _kkt_adjoint(
     ``nullspace`` (from the forward pass, for the row-scaled ``A``) eliminates the equalities
     as the forward pass did. Shapes as in :func:`solve_qp` (vectors ``(B, k)``).
     """
+    compiled = _compiled_adjoint(Q, G, A, x, lam, s, gx, glam, refine, nullspace)
+    if compiled is not None:
+        dQ, dx, dG, w = compiled
+        return dQ, dx, dG, -w, A.new_zeros(A.shape), gnu.new_zeros(gnu.shape)
     tiny = torch.finfo(lam.dtype).tiny
     B = x.shape[0]
     gs = G.norm(dim=-1, keepdim=True)
@@ -1036,6 +1031,61 @@ def _kkt_adjoint(
     dG = lam.unsqueeze(-1) * dx.unsqueeze(-2) + w.unsqueeze(-1) * x.unsqueeze(-2)
     dA = nu.unsqueeze(-1) * dx.unsqueeze(-2) + dnu.unsqueeze(-1) * x.unsqueeze(-2)
     return dQ, dx, dG, -w, dA, -dnu
+
+
+def _compiled_adjoint(
+    Q: Tensor,
+    G: Tensor,
+    A: Tensor,
+    x: Tensor,
+    lam: Tensor,
+    s: Tensor,
+    gx: Tensor,
+    glam: Tensor,
+    refine: int,
+    nullspace: tuple[Tensor, Tensor, Tensor] | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+    """``(dQ, dx, dG, w)`` of :func:`_kkt_adjoint` from the compiled per-element loop
+    (:func:`layers._qp_kernel.adjoint_batch`) for inequality-only float64 problems on the CPU,
+    or None where it does not apply (or a reduced matrix is not positive definite: the batched
+    code regularizes and falls back to LU)."""
+    kernel = _qp_kernel() if use_compiled else None
+    B, m, n = G.shape
+    if (
+        kernel is None
+        or nullspace is not None
+        or A.shape[-2]
+        or not m
+        or x.device.type != "cpu"
+        or x.dtype != torch.float64
+    ):
+        return None
+    dx, w, ok = x.new_empty(B, n), x.new_empty(B, m), torch.empty(B, dtype=torch.bool)
+    dQ, dG = x.new_empty(B, n, n), x.new_empty(B, m, n)
+    data = [v.detach().contiguous().numpy() for v in (Q, G, x, lam, s, gx, glam)]
+    outs = [v.numpy() for v in (dx, w, dQ, dG, ok)]
+
+    def solve(part: slice) -> None:
+        kernel.adjoint_batch(
+            *(v[part] for v in data), _DCAP, _REFINED, refine, *(v[part] for v in outs)
+        )
+
+    _split(solve, B)
+    return (dQ, dx, dG, w) if bool(ok.all()) else None
+
+
+def _split(solve: Any, B: int) -> None:
+    """``solve(part)`` over slices of ``range(B)``, one per torch thread, in parallel (the
+    compiled loops release the GIL), with BLAS on one thread."""
+    kernel = _qp_kernel()
+    workers = max(1, min(torch.get_num_threads(), B))
+    parts = [slice(i * B // workers, (i + 1) * B // workers) for i in range(workers)]
+    with kernel.one_blas_thread():
+        if workers == 1:
+            solve(parts[0])
+        else:
+            with ThreadPoolExecutor(workers) as pool:
+                list(pool.map(solve, parts))
 
 
 class _IPMFunction(torch.autograd.Function):

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+import layers.qp_ipm as qp_ipm
 from layers._checks import check_tensor, format_indices
 
 __all__ = ["QPProblem", "check_psd_matrix", "prepare_qp"]
@@ -107,16 +108,33 @@ def prepare_qp(
 
 def check_psd_matrix(Q: Tensor) -> None:
     """``Q`` (``(n, n)`` or ``(B, n, n)``) is symmetric-part PSD up to a relative 1e-8."""
-    Qs = 0.5 * (Q + Q.mT).to(torch.float64)
-    scale = Qs.abs().amax((-1, -2), keepdim=True).clamp_min(1e-300)
-    eye = torch.eye(Qs.shape[-1], dtype=Qs.dtype, device=Qs.device)
-    _, info = torch.linalg.cholesky_ex(Qs + 1e-8 * scale * eye)
-    bad = torch.nonzero(info.reshape(-1) != 0).flatten().tolist()
+    bad = _psd_failures(Q)
+    if bad is None:
+        Qs = 0.5 * (Q + Q.mT).to(torch.float64)
+        scale = Qs.abs().amax((-1, -2), keepdim=True).clamp_min(1e-300)
+        eye = torch.eye(Qs.shape[-1], dtype=Qs.dtype, device=Qs.device)
+        _, info = torch.linalg.cholesky_ex(Qs + 1e-8 * scale * eye)
+        bad = torch.nonzero(info.reshape(-1) != 0).flatten().tolist()
     if bad:
-        Qb = Qs.reshape(-1, *Qs.shape[-2:])[bad[0]]
+        Qb = Q.reshape(-1, *Q.shape[-2:])[bad[0]].to(torch.float64)
+        Qb = 0.5 * (Qb + Qb.mT)
         low = torch.linalg.eigvalsh(Qb)[0].item()
         where = f" for batch elements {format_indices(bad)}" if Q.dim() == 3 else ""
         raise ValueError(
             f"Q is not positive semidefinite{where} (smallest eigenvalue {low:.3g}); "
             "the QP is nonconvex. Use e.g. Q = L L' + eps I."
         )
+
+
+def _psd_failures(Q: Tensor) -> list[int] | None:
+    """The batch elements that fail :func:`check_psd_matrix`'s test, from the compiled loop of
+    :mod:`layers._qp_kernel` (one Cholesky per element, in cache; a third of torch's batched
+    ``cholesky_ex`` time at n = 128) on the CPU, or None where it does not apply."""
+    kernel = qp_ipm._qp_kernel() if qp_ipm.use_compiled else None
+    if kernel is None or Q.device.type != "cpu" or Q.numel() == 0:
+        return None
+    Qb = Q.reshape(-1, *Q.shape[-2:]).to(torch.float64).contiguous()
+    bad = torch.empty(Qb.shape[0], dtype=torch.bool)
+    with kernel.one_blas_thread():
+        kernel.psd_failures(Qb.numpy(), 1e-8, bad.numpy())
+    return torch.nonzero(bad).flatten().tolist()

@@ -6,7 +6,10 @@ operators taking the most time in one forward + backward (``torch.profiler``, se
 the rates of the kernels an iteration is made of, timed alone on the same shapes: the batched
 matrix product that forms ``Q + G'DG``, the Cholesky factorization (``layers._batched.Cholesky``),
 a solve with it, and a matrix-vector product with ``G``. Their sum per iteration times the
-iterations is the floor of this method on this machine.
+iterations is the floor of the batched method on this machine. On the CPU the default path is
+the compiled per-element loop (``layers._qp_kernel``; the torch profiler sees it as the self
+time of ``_IPMFunction``): its floor is one factorization of the reduced matrix (``dsyrk`` +
+``dpotrf`` on one element, timed alone) per element and iteration.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from layers import qp, solve_qp
@@ -62,6 +66,30 @@ def kernel_rates(B: int, n: int, m: int, repeats: int) -> dict[str, float]:
     return out
 
 
+def compiled_rates(n: int, m: int, repeats: int) -> dict[str, float]:
+    """Milliseconds of one element's reduced-matrix factorization in the compiled loop
+    (``Q + G'DG``: ``dsyrk`` then ``dpotrf``, BLAS on one thread) and its GFLOP/s, or {}
+    without numba."""
+    from layers import qp_ipm
+
+    kernel = qp_ipm._qp_kernel()
+    if kernel is None or m == 0:
+        return {}
+    rng = np.random.default_rng(0)
+    G, d = rng.standard_normal((m, n)), rng.random(m) + 0.1
+    Q, L, W = np.eye(n), np.empty((n, n)), np.empty((m, n))
+    calls = 200
+
+    def factorize() -> None:
+        for _ in range(calls):
+            kernel._reduced_matrix(Q, G, d, 1e-11, L, W)
+
+    with kernel.one_blas_thread():
+        ms = _median_ms(factorize, repeats) / calls
+    flops = m * n * (n + 1) + n**3 / 3
+    return {"factor_ms": ms, "factor_gflops": flops / (ms * 1e-3) / 1e9}
+
+
 def profile_size(size: str, quick: bool, repeats: int, top: int) -> dict[str, Any]:
     """Timing, iterations, the top operators and the kernel rates for one size."""
     B, n, m, p, dens = (QUICK_SIZES if quick else SIZES)[size]
@@ -88,6 +116,7 @@ def profile_size(size: str, quick: bool, repeats: int, top: int) -> dict[str, An
     # about nine products with G or Q (residuals, right-hand sides, refinement)
     per_iter = rates["form_H_ms"] + rates["cholesky_ms"] + 2 * rates["solve_ms"]
     per_iter += 9 * rates["matvec_G_ms"]
+    compiled = compiled_rates(n - p, m, repeats)  # equalities are eliminated first
     return {
         "size": size,
         "batch": B,
@@ -109,6 +138,10 @@ def profile_size(size: str, quick: bool, repeats: int, top: int) -> dict[str, An
         "kernels": rates,
         "floor_per_iteration_ms": per_iter,
         "floor_forward_ms": per_iter * info.iterations,
+        "compiled": compiled,
+        "compiled_floor_forward_ms": (
+            B * info.iterations * compiled["factor_ms"] if compiled else None
+        ),
     }
 
 
@@ -126,8 +159,19 @@ def report(rows: list[dict[str, Any]]) -> str:
             f"{k['cholesky_ms']:.2f} ms, a solve {k['solve_ms']:.2f} ms, G times a vector "
             f"{k['matvec_G_ms']:.2f} ms ({k['matvec_G_gbytes_per_s']:.1f} GB/s). Floor: "
             f"{r['floor_per_iteration_ms']:.1f} ms per iteration, "
-            f"{r['floor_forward_ms']:.0f} ms for the forward.",
+            f"{r['floor_forward_ms']:.0f} ms for the forward (batched solver).",
             "",
+        ]
+        if r.get("compiled"):
+            c = r["compiled"]
+            lines += [
+                f"Compiled per-element loop (the CPU default): one element's factorization "
+                f"(dsyrk + dpotrf) {1e3 * c['factor_ms']:.1f} us "
+                f"({c['factor_gflops']:.0f} GFLOP/s); floor {r['compiled_floor_forward_ms']:.0f} "
+                f"ms for the forward (batch x iterations x one factorization).",
+                "",
+            ]
+        lines += [
             "| operator | calls | self ms | share |",
             "|---|---|---|---|",
         ]

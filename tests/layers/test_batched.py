@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from layers._batched import add_diag, amax, chol_solve, dot, max_step, one_thread, threads_for
@@ -54,3 +55,24 @@ def test_thread_control_restores_the_count():
     with threads_for(10_000, 100, 0, torch.device("cpu")):  # large: threads untouched
         assert torch.get_num_threads() == before
     assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), None])
+def test_finite_check_finds_one_bad_entry(dtype, bad):
+    """``check_finite`` (one ``aminmax`` pass) finds a single NaN, +Inf or -Inf anywhere in a
+    large tensor, passes finite ones (including the dtype's extremes) and empty ones."""
+    from layers._checks import check_finite
+
+    x = torch.randn(3, 50, 70).to(dtype)
+    x[0, 0, 0] = torch.finfo(dtype).max
+    x[0, 0, 1] = torch.finfo(dtype).min
+    if bad is None:
+        check_finite("x", x)
+        check_finite("x", x[:0])
+        return
+    for where in [(0, 0, 2), (2, 49, 69), (1, 17, 33)]:
+        y = x.clone()
+        y[where] = bad
+        with pytest.raises(ValueError, match="x has 1 NaN/Inf entries"):
+            check_finite("x", y)

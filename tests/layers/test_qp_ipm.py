@@ -130,3 +130,100 @@ def test_compiled_solver_splits_the_batch_over_threads():
         torch.set_num_threads(before)
     assert torch.equal(one.x, two.x) and torch.equal(one.lam, two.lam)
     assert two.info.status_names == ["solved"] * 7
+
+
+def _adjoint_both_ways(monkeypatch, Q, q, G, h, gx, glam):
+    """``_kkt_adjoint`` at the solution of ``(Q, q, G, h)`` by the compiled loop and by the
+    batched code (the same forward solution for both)."""
+    from layers import qp_ipm
+
+    B, n = q.shape
+    sol = solve_qp(Q, q, G, h)
+    A, nu, gnu = Q.new_zeros(B, 0, n), Q.new_zeros(B, 0), Q.new_zeros(B, 0)
+    out = {}
+    for compiled in (True, False):
+        monkeypatch.setattr(qp_ipm, "use_compiled", compiled)
+        Qs = 0.5 * (Q + Q.mT)
+        out[compiled] = qp_ipm._kkt_adjoint(
+            Qs, G, A, sol.x, sol.lam, sol.slack, nu, gx, glam, gnu, nullspace=sol._nullspace
+        )
+    return out
+
+
+@pytest.mark.parametrize("case", ["dense", "one element", "many active", "lp"])
+def test_compiled_and_batched_adjoints_agree(case, monkeypatch):
+    """The backward's per-element compiled loop (``_qp_kernel.adjoint_batch``, with the
+    gradients ``dQ`` and ``dG`` it writes) against the batched adjoint, for every input."""
+    from layers import qp_ipm
+
+    if qp_ipm._qp_kernel() is None:
+        pytest.skip("numba is not installed")
+    sizes = {"dense": (4, 30, 40), "one element": (1, 6, 5), "many active": (3, 8, 24)}
+    B, n, m = sizes.get(case, (3, 6, 8))
+    Q, q, G, h, _, _ = problem(B, n, m, 0, seed=5)
+    if case == "many active":  # a large linear cost pushes against most constraints
+        q = 30 * q
+    if case == "lp":
+        Q = torch.zeros_like(Q)
+        eye = torch.eye(n, dtype=torch.float64).expand(B, n, n)
+        G, h = torch.cat([G, eye, -eye], -2), torch.cat([h, torch.full((B, 2 * n), 3.0)], -1)
+    g = torch.Generator().manual_seed(1)
+    gx = torch.randn(B, n, generator=g, dtype=torch.float64)
+    glam = torch.randn(B, G.shape[1], generator=g, dtype=torch.float64)
+    out = _adjoint_both_ways(monkeypatch, Q, q, G, h, gx, glam)
+    for name, a, c in zip(["Q", "q", "G", "h", "A", "b"], out[True], out[False]):
+        assert a.shape == c.shape, name
+        scale = 1 + c.abs().amax() if c.numel() else 1
+        assert torch.allclose(a, c, atol=1e-9 * scale, rtol=0), (name, (a - c).abs().max())
+
+
+def test_compiled_adjoint_leaves_an_indefinite_reduced_matrix_to_the_batched_code(monkeypatch):
+    """Where the reduced matrix of an element has no Cholesky factor (here ``Q`` indefinite,
+    as a caller of ``_kkt_adjoint`` might pass), the compiled loop declines and the batched
+    adjoint (which falls back to LU) gives the answer."""
+    from layers import qp_ipm
+
+    if qp_ipm._qp_kernel() is None:
+        pytest.skip("numba is not installed")
+    Q, q, G, h, _, _ = problem(2, 5, 3, 0, seed=6)
+    sol = solve_qp(Q, q, G, h)
+    bad = -10 * torch.eye(5, dtype=torch.float64).expand(2, 5, 5)
+    args = (G, Q.new_zeros(2, 0, 5), sol.x, sol.lam, sol.slack, Q.new_zeros(2, 0))
+    grads = (torch.ones(2, 5, dtype=torch.float64), torch.zeros(2, 3, dtype=torch.float64))
+    assert qp_ipm._compiled_adjoint(bad, *args[:1], args[1], *args[2:5], *grads, 3, None) is None
+    monkeypatch.setattr(qp_ipm, "use_compiled", False)
+    ref = qp_ipm._kkt_adjoint(bad, *args, *grads, Q.new_zeros(2, 0))
+    monkeypatch.setattr(qp_ipm, "use_compiled", True)
+    got = qp_ipm._kkt_adjoint(bad, *args, *grads, Q.new_zeros(2, 0))
+    for a, c in zip(got, ref):
+        assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_compiled_psd_check_agrees_with_torch(dtype, monkeypatch):
+    """The layer's PSD check by the compiled loop and by torch's batched Cholesky: the same
+    verdict for PSD, semidefinite-singular and indefinite elements, batched and not."""
+    from layers import qp_ipm
+    from layers.qp_problem import check_psd_matrix
+
+    if qp_ipm._qp_kernel() is None:
+        pytest.skip("numba is not installed")
+    Q = problem(4, 6, 2, 0)[0].to(dtype)
+    Q[1] = Q[1] - 1.5 * torch.linalg.eigvalsh(Q[1].double())[-1].to(dtype) * torch.eye(6)
+    Q[2] = torch.ones(6, 6, dtype=dtype)  # rank one, PSD: passes
+    Q[3] = Q[3].triu()  # not symmetric; its symmetric part is checked
+    verdicts = {}
+    for compiled in (True, False):
+        monkeypatch.setattr(qp_ipm, "use_compiled", compiled)
+        for batch in (Q, Q[2], Q[1]):
+            try:
+                check_psd_matrix(batch)
+                verdicts[compiled, batch.dim(), float(batch.sum())] = "ok"
+            except ValueError as err:
+                verdicts[compiled, batch.dim(), float(batch.sum())] = str(err)
+    for key, verdict in verdicts.items():
+        if key[0]:
+            assert verdict == verdicts[(False, *key[1:])]
+    assert "batch elements [1]" in verdicts[True, 3, float(Q.sum())]
+    assert "not positive semidefinite" in verdicts[True, 2, float(Q[1].sum())]
+    assert verdicts[True, 2, float(Q[2].sum())] == "ok"
