@@ -109,6 +109,7 @@ class QPSolution:
     slack: Tensor
     info: QPInfo = field(repr=False)
     _nullspace: tuple[Tensor, Tensor, Tensor] | None = field(default=None, repr=False)
+    _Q: Tensor | None = field(default=None, repr=False)  # (Q + Q') / 2 in the working dtype
 
 
 # ----------------------------------------------------------------------------------------------
@@ -879,7 +880,7 @@ def _solve_qp(
     nu, slack = (pt.nu / pb.as_).squeeze(-1), (pt.s * pb.gs).squeeze(-1)
     if beta is not None:
         x, lam, nu, slack = x * beta, lam * beta, nu * beta, slack * beta
-    return QPSolution(x=x, lam=lam, nu=nu, slack=slack, info=info, _nullspace=ns)
+    return QPSolution(x=x, lam=lam, nu=nu, slack=slack, info=info, _nullspace=ns, _Q=Q)
 
 
 # Data whose size is within 2**+-30 of 1 are solved as they are.
@@ -1096,7 +1097,8 @@ class _IPMFunction(torch.autograd.Function):
     def forward(ctx, Q, q, G, h, A, b, opts):  # type: ignore[override]
         with threads_for(q.shape[0], q.shape[-1], A.shape[-2], q.device):
             sol = _solve_qp(Q, q, G, h, A, b, **opts)
-        ctx.save_for_backward(0.5 * (Q + Q.mT), G, A, sol.x, sol.lam, sol.slack, sol.nu)
+        Qs = sol._Q if sol._Q is not None and sol._Q.dtype == Q.dtype else 0.5 * (Q + Q.mT)
+        ctx.save_for_backward(Qs, G, A, sol.x, sol.lam, sol.slack, sol.nu)
         ctx.nullspace = sol._nullspace
         return sol.x, sol.lam, sol.nu, sol
 

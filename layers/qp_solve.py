@@ -196,7 +196,7 @@ def solve_checked(
     if check_tol is None:
         check_tol = be.check_tol
     if check:
-        worst = _kkt_worst(prob, x, lam, nu)
+        worst = _kkt_worst(prob, x, lam, nu, None if sol is None else sol._Q)
         bad = torch.nonzero(~(worst <= check_tol)).flatten().tolist()
         if bad and be.kind == "qpth":
             bad = _qpth_failures(prob, bad, settings, solver_args, check_tol)
@@ -224,12 +224,15 @@ def _advice(prob: QPProblem) -> Callable[[], str]:
     return lambda: scale_advice(dict(zip(names, (prob.Q, prob.q, prob.G, prob.h, prob.A, prob.b))))
 
 
-def _kkt_worst(prob: QPProblem, x: Tensor, lam: Tensor, nu: Tensor) -> Tensor:
+def _kkt_worst(
+    prob: QPProblem, x: Tensor, lam: Tensor, nu: Tensor, Qs: Tensor | None = None
+) -> Tensor:
     """``(B,)``: the largest relative KKT residual of each element's answer, measured with the
     data at unit scale (:func:`~layers.qp_ipm.solution_scale`, as the solver sees them), so that
-    huge solutions do not overflow the objective."""
+    huge solutions do not overflow the objective. ``Qs``: ``(Q + Q') / 2`` if already formed."""
     with torch.no_grad():
-        Qs = 0.5 * (prob.Q + prob.Q.mT)
+        if Qs is None or Qs.shape != prob.Q.shape or Qs.dtype != prob.Q.dtype:
+            Qs = 0.5 * (prob.Q + prob.Q.mT)
         q, h, b = prob.q, prob.h, prob.b
         x, lam, nu = x.detach(), lam.detach(), nu.detach()
         beta = solution_scale(Qs, q, prob.G, h, prob.A, b)

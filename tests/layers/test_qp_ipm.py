@@ -120,16 +120,26 @@ def test_compiled_solver_splits_the_batch_over_threads():
     if qp_ipm._qp_kernel() is None:
         pytest.skip("numba is not installed")
     data = problem(B=7, n=12, m=9, p=0)
+    w = torch.randn(7, 12, dtype=torch.float64)
+
+    def grads() -> list[torch.Tensor]:  # the backward's compiled loop splits the same way
+        inputs = [t.clone().requires_grad_() for t in data[:4]]
+        none = (torch.zeros(7, 0, 12, dtype=torch.float64), torch.zeros(7, 0, dtype=torch.float64))
+        x, lam, _, _ = solve_qp_differentiable(*inputs, *none, tol=1e-12, max_iter=60)
+        ((x * w).sum() + lam.sum()).backward()
+        return [t.grad for t in inputs]
+
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = solve_qp(*data)
+        one, g_one = solve_qp(*data), grads()
         torch.set_num_threads(2)
-        two = solve_qp(*data)
+        two, g_two = solve_qp(*data), grads()
     finally:
         torch.set_num_threads(before)
     assert torch.equal(one.x, two.x) and torch.equal(one.lam, two.lam)
     assert two.info.status_names == ["solved"] * 7
+    assert all(torch.equal(a, b) for a, b in zip(g_one, g_two))
 
 
 def _adjoint_both_ways(monkeypatch, Q, q, G, h, gx, glam):
