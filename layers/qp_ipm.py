@@ -661,7 +661,7 @@ def _interior_point_any(
     _split(solve, B)
     pt = _Iterate(x.unsqueeze(-1), s.unsqueeze(-1), lam.unsqueeze(-1), pb.q.new_zeros(B, 0, 1))
     res = _residuals(pb, pt)
-    solved = res.merit.flatten() <= tol
+    solved = (res.merit.flatten() <= tol) & (merit <= tol)  # the loop's own verdict too
     status = torch.where(solved, SOLVED, RUNNING).view(B, 1, 1)
     it = int(iters.max())
     left = torch.nonzero(~solved).flatten()
