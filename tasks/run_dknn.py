@@ -35,6 +35,10 @@ class DKNNConfig(ImageTaskFlags):
     num_train_neighbors: int = field(default=100, metadata={"help": "candidates per step"})
     num_samples: int = field(default=5, metadata={"help": "Plackett-Luce samples (stochastic)"})
     num_epochs: int = field(default=20, metadata={"help": "epochs"})
+    baselines: bool = field(
+        default=True,
+        metadata={"help": "also test pixel kNN and the untrained embedding (off: tuning sweeps)"},
+    )
     steps_per_epoch: int = field(
         default=0, metadata={"help": "steps per epoch (0: training size / num_train_queries)"}
     )

@@ -28,10 +28,10 @@ from typing import Any
 
 import torch
 
-from tasks.common.cli import parse_config, run_main, write_json
+from tasks.common.cli import parse_config, run_main
 from tasks.common.data import MultiDigitSequences, load_dataset
 from tasks.common.models import SortCNN
-from tasks.common.plots import plt
+from tasks.common.tuning import write_sweep
 from tasks.sort.config import SORTS, SortConfig
 from tasks.sort.train import run
 
@@ -87,15 +87,6 @@ def point_config(cfg: TuneConfig, sort: str, tau: float) -> SortConfig:
     return SortConfig(**base)
 
 
-def choose(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """The chosen tau per relaxation: best validation exact match, ties to the smaller tau."""
-    best: dict[str, dict[str, Any]] = {}
-    for r in sorted(rows, key=lambda r: (r["sort"], r["tau"])):
-        if r["sort"] not in best or r["val_exact"] > best[r["sort"]]["val_exact"]:
-            best[r["sort"]] = r
-    return {s: r["tau"] for s, r in best.items()}
-
-
 def score_spread(cfg: TuneConfig, runs: list[str], sequences: int = 300) -> list[float]:
     """For each run folder, the spread of its best model's scores within a validation sequence
     (the standard deviation of the centred scores over ``sequences`` fixed sequences): set
@@ -137,33 +128,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     spreads = score_spread(cfg, [str(out / r["run"]) for r in rows])
     for r, spread in zip(rows, spreads):
         r["score_spread"], r["spread_over_tau"] = spread, spread / r["tau"]
-    chosen = choose(rows)
-    with open(out / "tuning.csv", "w") as fh:
-        fh.write(",".join(FIELDS) + "\n")
-        for r in rows:
-            fh.write(",".join("" if r[k] is None else str(r[k]) for k in FIELDS) + "\n")
-    write_json(
-        out / "tuning.json", {"config": dataclasses.asdict(cfg), "rows": rows, "chosen": chosen}
+    chosen = write_sweep(
+        out,
+        rows,
+        FIELDS,
+        dataclasses.asdict(cfg),
+        "val_exact",
+        f"sorting, n = {cfg.n}, {cfg.steps} steps",
     )
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for sort in cfg.sorts:
-        pts = sorted((r["tau"], r["val_exact"]) for r in rows if r["sort"] == sort)
-        ax.plot(*zip(*pts), marker="o", label=f"{sort} (chosen {chosen[sort]:g})")
-    ax.set(
-        xscale="log",
-        xlabel="tau",
-        ylabel="validation exact match",
-        title=f"n = {cfg.n}, {cfg.steps} steps",
-    )
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "tuning.png", dpi=120)
-    for r in rows:
-        print(
-            f"{r['sort']:>22} tau {r['tau']:<6g} val exact {r['val_exact']:.3f}"
-            f"  score spread / tau {r['spread_over_tau']:.3g}"
-        )
-    print("chosen:", chosen)
     return {"rows": rows, "chosen": chosen}
 
 

@@ -8,9 +8,11 @@ from dataclasses import asdict
 import torch
 
 from layers import DKNN, knn_vote, nearest_neighbors
+from tasks.common.bench import machine_info
 from tasks.common.cli import UserError, write_json
 from tasks.common.data import load_dataset, random_shift
 from tasks.common.models import embed, make_backbone
+from tasks.common.plots import read_csv
 from tasks.common.training import Trainer, seed_everything
 
 SORTS = ["neuralsort", "lp-topk", "sinkhorn"]
@@ -50,7 +52,9 @@ def run(cfg) -> dict:
     if trainer.rank == 0:
         print(data.summary())
     init_test = (
-        acc(model, data.test_x, data.test_y) if trainer.rank == 0 and not cfg.resume else None
+        acc(model, data.test_x, data.test_y)
+        if trainer.rank == 0 and not cfg.resume and cfg.baselines
+        else None
     )
     q, nb = cfg.num_train_queries, cfg.num_train_neighbors
     step_times: list[float] = []
@@ -73,26 +77,34 @@ def run(cfg) -> dict:
     if trainer.rank != 0:
         return {}
     best_epoch = trainer.load_best()
+    seconds = [float(row["seconds"]) for row in read_csv(trainer.metrics_path)]
     test_acc = acc(model, data.test_x, data.test_y)
-    dist, idx = nearest_neighbors(
-        data.test_x.flatten(1).to(dev), data.train_x.flatten(1).to(dev), cfg.k, chunk_size=1000
-    )
-    pixel = knn_vote(data.train_y.to(dev)[idx], dist, data.num_classes) == data.test_y.to(dev)
+    pixel = None
+    if cfg.baselines:
+        dist, idx = nearest_neighbors(
+            data.test_x.flatten(1).to(dev), data.train_x.flatten(1).to(dev), cfg.k, chunk_size=1000
+        )
+        hits = knn_vote(data.train_y.to(dev)[idx], dist, data.num_classes) == data.test_y.to(dev)
+        pixel = hits.float().mean().item()
     result = {
         "config": asdict(cfg),
         "data": data.summary(),
         "best_epoch": best_epoch,
         "val_acc": best["best_val"],
         "test_acc": test_acc,
-        "pixel_knn_test_acc": pixel.float().mean().item(),
+        "pixel_knn_test_acc": pixel,
         "init_embedding_test_acc": init_test,
         "seconds_per_step": sum(step_times) / max(1, len(step_times)),
+        "steps": best_epoch * steps,
+        "minutes_to_best": sum(seconds[:best_epoch]) / 60,  # training and validation
+        "minutes": sum(seconds) / 60,
+        "machine": machine_info(cfg.device),
     }
     write_json(f"{cfg.out}/results.json", result)
     print(
         f"\n{cfg.dataset} test accuracy, hard {cfg.k}-NN against the training split:\n"
         f"  dKNN ({sort_name}, best epoch {best_epoch}): {100 * test_acc:.2f}%\n"
-        f"  pixel kNN:                       {100 * result['pixel_knn_test_acc']:.2f}%\n"
+        + (f"  pixel kNN:                       {100 * pixel:.2f}%\n" if pixel else "")
         + (f"  untrained embedding:             {100 * init_test:.2f}%\n" if init_test else "")
         + f"  {1000 * result['seconds_per_step']:.1f} ms per training step; results in {cfg.out}"
     )

@@ -18,30 +18,90 @@ PAPER = {
 }  # NeuralSort Table 1, deterministic NeuralSort: exact (element-wise)
 
 
-def _best_on_validation(runs: list[dict]) -> dict[tuple[str, int], dict]:
-    """``(relaxation, n) -> run``: of several runs of one relaxation at one n, the one with the
-    best validation exact accuracy (the first on ties)."""
-    best: dict[tuple[str, int], dict] = {}
+# Flags that do not change what a run learns: runs equal in every other flag share a recipe, and
+# their seeds are averaged in the headline table.
+NOT_RECIPE = {"seed", "out", "resume", "progress", "device", "data_dir", "download"}
+
+
+def recipe(config: dict) -> str:
+    """The run's recipe: its flags less the seed and the bookkeeping ones, as one sorted string."""
+    return json.dumps({k: v for k, v in config.items() if k not in NOT_RECIPE}, sort_keys=True)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def headline(runs: list[dict]) -> list[dict]:
+    """One row per (relaxation, n): of the recipes run at that n, the one with the best mean
+    validation exact accuracy over its seeds (ties: more seeds), with the means over its seeds
+    and each seed's test exact accuracy."""
+    groups: dict[tuple[str, int, str], list[dict]] = {}
     for r in runs:
-        key = (r["sort"], r["n"])
-        if key not in best or r["val_exact"] > best[key]["val_exact"]:
-            best[key] = r
-    return best
+        groups.setdefault((r["sort"], r["n"], r["recipe"]), []).append(r)
+    best: dict[tuple[str, int], list[dict]] = {}
+    for (sort, n, _), rs in sorted(groups.items()):
+        key = (sort, n)
+        score = (_mean([r["val_exact"] for r in rs]), len(rs))
+        if key not in best or score > (_mean([r["val_exact"] for r in best[key]]), len(best[key])):
+            best[key] = rs
+    rows = []
+    for (sort, n), rs in sorted(best.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        rs = sorted(rs, key=lambda r: r["seed"] if r["seed"] is not None else -1)
+        minutes = [r["minutes"] for r in rs if r["minutes"] is not None]
+        rows.append(
+            {
+                "n": n,
+                "sort": sort,
+                "tau": rs[0]["tau"],
+                "loss_floor": rs[0]["loss_floor"],
+                "seeds": len(rs),
+                "test_exact": _mean([r["test_exact"] for r in rs]),
+                "test_exact_per_seed": [r["test_exact"] for r in rs],
+                "test_elementwise": _mean([r["test_elementwise"] for r in rs]),
+                "val_exact": _mean([r["val_exact"] for r in rs]),
+                "ms_per_step": _mean([r["ms_per_step"] for r in rs]),
+                "minutes": _mean(minutes) if minutes else None,
+                "runs": [r["run"] for r in rs],
+            }
+        )
+    return rows
 
 
-def _by_relaxation_and_n(runs: list[dict]) -> list[str]:
-    """Markdown rows: one per relaxation, one column per n; each cell the test exact
-    (element-wise) accuracy and ms per step of the run best on validation."""
-    ns = sorted({r["n"] for r in runs})
-    best = _best_on_validation(runs)
+def _headline_table(rows: list[dict]) -> list[str]:
+    """Markdown: the headline rows, one per (n, relaxation)."""
+    lines = [
+        "| n | relaxation | tau | loss floor | seeds | test exact (each seed) | "
+        "test element-wise | paper (NeuralSort) | ms/step | minutes |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for h in rows:
+        paper = PAPER.get(h["n"])
+        ptxt = f"{paper[0]:.3f} ({paper[1]:.3f})" if paper else "-"
+        each = ", ".join(f"{v:.3f}" for v in h["test_exact_per_seed"])
+        minutes = "-" if h["minutes"] is None else f"{h['minutes']:.0f}"
+        lines.append(
+            f"| {h['n']} | {h['sort']} | {h['tau']:g} | {h['loss_floor']:g} | {h['seeds']} | "
+            f"{h['test_exact']:.3f} ({each}) | {h['test_elementwise']:.3f} | {ptxt} | "
+            f"{h['ms_per_step']:.0f} | {minutes} |"
+        )
+    return lines
+
+
+def _by_relaxation_and_n(rows: list[dict]) -> list[str]:
+    """Markdown: one row per relaxation, one column per n; each cell the headline row's mean
+    test exact (element-wise) accuracy and its number of seeds."""
+    ns = sorted({h["n"] for h in rows})
+    cell = {(h["sort"], h["n"]): h for h in rows}
     lines = [
         "| relaxation | " + " | ".join(f"n = {n}" for n in ns) + " |",
         "|---|" + "---|" * len(ns),
     ]
-    for name in sorted({r["sort"] for r in runs}):
+    for name in sorted({h["sort"] for h in rows}):
         cells = [
-            f"{r['test_exact']:.3f} ({r['test_elementwise']:.3f}), {r['ms_per_step']:.0f} ms"
-            if (r := best.get((name, n)))
+            f"{h['test_exact']:.3f} ({h['test_elementwise']:.3f}), {h['seeds']} seed"
+            + ("s" if h["seeds"] > 1 else "")
+            if (h := cell.get((name, n)))
             else "-"
             for n in ns
         ]
@@ -75,6 +135,10 @@ def summarize(root: str | Path) -> None:
                 "steps": r.get("steps"),
                 "minutes_to_best": r.get("minutes_to_best"),
                 "loss_floor": c.get("loss_floor", 1e-20),
+                "seed": c.get("seed"),
+                "minutes": r.get("minutes"),
+                "cpu": r.get("machine", {}).get("cpu_model"),
+                "recipe": recipe(c),
             }
         )
     if not runs:
@@ -83,8 +147,8 @@ def summarize(root: str | Path) -> None:
     lines = [
         "| n | relaxation | run | tau | lr | groupings | near groupings | digit reuse | "
         "loss floor | test exact | test element-wise | paper (NeuralSort) | ms/step | steps | "
-        "minutes |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "minutes | cpu |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         paper = PAPER.get(r["n"])
@@ -94,18 +158,20 @@ def summarize(root: str | Path) -> None:
             f"| {r['n']} | {r['sort']} | {r['run']} | {r['tau']:g} | {r['lr']:g} | "
             f"{r['groupings']} | {r['near_groupings']} | {r['digit_reuse']} | "
             f"{r['loss_floor']:g} | {r['test_exact']:.3f} | {r['test_elementwise']:.3f} | {ptxt} | "
-            f"{r['ms_per_step']:.0f} | {r['steps']} | {minutes} |"
+            f"{r['ms_per_step']:.0f} | {r['steps']} | {minutes} | {r['cpu'] or '-'} |"
         )
-    lines += ["", *_by_relaxation_and_n(runs)]
+    top = headline(runs)
+    lines += ["", *_by_relaxation_and_n(top), "", *_headline_table(top)]
     atomic_write_text(root / "summary.md", "\n".join(lines) + "\n")
     write_json(root / "summary.json", runs)
+    write_json(root / "headline.json", top)
 
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    best = _best_on_validation(runs)
+    best = {(h["sort"], h["n"]): h for h in top}
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, key, paper_col, title in (
         (axes[0], "test_exact", 0, "whole sequence sorted (exact)"),
@@ -129,22 +195,29 @@ def summarize(root: str | Path) -> None:
 
 def _plot_against_minutes(root: Path, best: dict[tuple[str, int], dict], plt) -> None:
     """accuracy_vs_minutes.png: validation exact accuracy against wall-clock minutes (the
-    epochs' ``seconds`` in metrics.csv, summed), one panel per n, the run of each relaxation
-    that is best on validation."""
+    epochs' ``seconds`` in metrics.csv, summed), one panel per n, every seed of each
+    relaxation's headline recipe (one colour per relaxation)."""
     ns = sorted({n for _, n in best})
     fig, axes = plt.subplots(1, len(ns), figsize=(4 * len(ns), 3.4), squeeze=False)
     for ax, n in zip(axes[0], ns):
-        for (name, rn), r in sorted(best.items()):
+        for i, ((name, rn), h) in enumerate(sorted(best.items())):
             if rn != n:
                 continue
-            path = root / r["run"] / "metrics.csv"
-            if not path.exists():
-                continue
-            rows = read_csv(path)
-            minutes = [
-                sum(float(x["seconds"]) for x in rows[: i + 1]) / 60 for i in range(len(rows))
-            ]
-            ax.plot(minutes, [float(x["val_exact"]) for x in rows], marker=".", label=name)
+            for j, run in enumerate(h["runs"]):
+                path = root / run / "metrics.csv"
+                if not path.exists():
+                    continue
+                rows = read_csv(path)
+                seconds = [float(x["seconds"]) for x in rows]
+                minutes = [sum(seconds[: k + 1]) / 60 for k in range(len(rows))]
+                ax.plot(
+                    minutes,
+                    [float(x["val_exact"]) for x in rows],
+                    marker=".",
+                    color=f"C{i}",
+                    alpha=1.0 if j == 0 else 0.5,
+                    label=name if j == 0 else None,
+                )
         if n in PAPER:
             ax.axhline(PAPER[n][0], color="k", ls="--", lw=1, label="paper (test)")
         ax.set(title=f"n = {n}", xlabel="minutes", ylabel="validation exact", ylim=(0, 1))

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from layers import get_sort
+from tasks.common.bench import machine_info
 from tasks.common.cli import write_json
 from tasks.common.data import MultiDigitSequences, load_dataset
 from tasks.common.models import SortCNN
@@ -155,6 +156,7 @@ def run(cfg) -> dict:
         "steps": best_epoch * cfg.steps_per_epoch,
         "minutes_to_best": sum(seconds[:best_epoch]) / 60,  # training and validation
         "minutes": sum(seconds) / 60,
+        "machine": machine_info(cfg.device),
     }
     write_json(f"{cfg.out}/results.json", result)
     print(

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from tasks import tune_sort
+from tasks.common.tuning import choose
 from tests.conftest import assert_one_line_error, run_task
 
 TINY = ["--dataset", "mnist5k", "--n", "3", "--batch_size", "4", "--steps", "2"]
@@ -21,7 +22,7 @@ def test_choice_is_the_best_validation_and_ties_go_to_the_smaller_tau():
         {"sort": "b", "tau": 3.0, "val_exact": 0.7},
         {"sort": "b", "tau": 1.0, "val_exact": 0.6},
     ]
-    assert tune_sort.choose(rows) == {"a": 0.3, "b": 3.0}
+    assert choose(rows) == {"a": 0.3, "b": 3.0}
 
 
 def test_sweep_trains_every_point_once_and_resumes(tmp_path):
@@ -41,7 +42,7 @@ def test_sweep_trains_every_point_once_and_resumes(tmp_path):
         )
     assert all(r["score_spread"] > 0 and r["spread_over_tau"] > 0 for r in first["rows"])
     saved = json.loads((out / "tuning.json").read_text())
-    assert saved["chosen"] == tune_sort.choose(saved["rows"])
+    assert saved["chosen"] == choose(saved["rows"])
     assert (out / "tuning.csv").read_text().count("\n") == 5 and (out / "tuning.png").exists()
     stamp = (out / "neuralsort-tau0.5" / "results.json").stat().st_mtime_ns
     again = tune_sort.main([*args, str(out)])  # finished points are read, not retrained

@@ -1,0 +1,65 @@
+"""The tuning protocol's shared half: one grid of temperatures per relaxation, one short run per
+point, the choice on validation, and the sweep's files (tuning.csv, tuning.json, tuning.png).
+
+``tasks/tune_sort.py`` (the sorting task) and ``tasks/tune_dknn.py`` (differentiable kNN) build
+the runs; this module only turns their rows into a choice and files, so both tasks choose alike.
+A row is a dict with at least ``sort``, ``tau`` and the validation metric.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tasks.common.cli import write_json
+from tasks.common.plots import plt
+
+__all__ = ["choose", "write_sweep"]
+
+
+def choose(rows: list[dict[str, Any]], metric: str = "val_exact") -> dict[str, float]:
+    """The chosen tau per relaxation: the best ``metric`` on validation, ties to the smaller
+    tau (the sharper relaxation)."""
+    best: dict[str, dict[str, Any]] = {}
+    for r in sorted(rows, key=lambda r: (r["sort"], r["tau"])):
+        if r["sort"] not in best or r[metric] > best[r["sort"]][metric]:
+            best[r["sort"]] = r
+    return {s: r["tau"] for s, r in best.items()}
+
+
+def write_sweep(
+    out: str | Path,
+    rows: list[dict[str, Any]],
+    fields: tuple[str, ...],
+    config: dict[str, Any],
+    metric: str,
+    title: str,
+) -> dict[str, float]:
+    """Write ``tuning.csv`` (``fields`` per row), ``tuning.json`` (config, rows, choice) and
+    ``tuning.png`` (``metric`` against tau, one line per relaxation) to ``out``; print one line per
+    point and return the choice."""
+    out = Path(out)
+    chosen = choose(rows, metric)
+    with open(out / "tuning.csv", "w") as fh:
+        fh.write(",".join(fields) + "\n")
+        for r in rows:
+            fh.write(",".join("" if r[k] is None else str(r[k]) for k in fields) + "\n")
+    write_json(out / "tuning.json", {"config": config, "rows": rows, "chosen": chosen})
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for sort in dict.fromkeys(r["sort"] for r in rows):
+        pts = sorted((r["tau"], r[metric]) for r in rows if r["sort"] == sort)
+        ax.plot(*zip(*pts), marker="o", label=f"{sort} (chosen {chosen[sort]:g})")
+    ax.set(xscale="log", xlabel="tau", ylabel=f"validation {metric.removeprefix('val_')}")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "tuning.png", dpi=120)
+    plt.close(fig)
+    for r in rows:
+        spread = r.get("spread_over_tau")
+        print(
+            f"{r['sort']:>22} tau {r['tau']:<6g} {metric} {r[metric]:.4f}"
+            + ("" if spread is None else f"  score spread / tau {spread:.3g}")
+        )
+    print("chosen:", chosen)
+    return chosen
