@@ -14,7 +14,7 @@ from typing import Any
 from tasks.common.cli import write_json
 from tasks.common.plots import plt
 
-__all__ = ["choose", "write_sweep"]
+__all__ = ["choose", "edge_choices", "write_sweep"]
 
 
 def choose(rows: list[dict[str, Any]], metric: str = "val_exact") -> dict[str, float]:
@@ -25,6 +25,17 @@ def choose(rows: list[dict[str, Any]], metric: str = "val_exact") -> dict[str, f
         if r["sort"] not in best or r[metric] > best[r["sort"]][metric]:
             best[r["sort"]] = r
     return {s: r["tau"] for s, r in best.items()}
+
+
+def edge_choices(rows: list[dict[str, Any]], chosen: dict[str, float]) -> list[str]:
+    """The relaxations whose chosen tau is the smallest or largest of their grid (with more than
+    one point): their best value may lie outside it, so the protocol extends the grid there."""
+    edge = []
+    for sort, tau in chosen.items():
+        taus = [r["tau"] for r in rows if r["sort"] == sort]
+        if len(taus) > 1 and tau in (min(taus), max(taus)):
+            edge.append(sort)
+    return edge
 
 
 def write_sweep(
@@ -40,11 +51,15 @@ def write_sweep(
     point and return the choice."""
     out = Path(out)
     chosen = choose(rows, metric)
+    edge = edge_choices(rows, chosen)
     with open(out / "tuning.csv", "w") as fh:
         fh.write(",".join(fields) + "\n")
         for r in rows:
             fh.write(",".join("" if r[k] is None else str(r[k]) for k in fields) + "\n")
-    write_json(out / "tuning.json", {"config": config, "rows": rows, "chosen": chosen})
+    write_json(
+        out / "tuning.json",
+        {"config": config, "rows": rows, "chosen": chosen, "chosen_at_grid_edge": edge},
+    )
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for sort in dict.fromkeys(r["sort"] for r in rows):
         pts = sorted((r["tau"], r[metric]) for r in rows if r["sort"] == sort)
@@ -62,4 +77,9 @@ def write_sweep(
             + ("" if spread is None else f"  score spread / tau {spread:.3g}")
         )
     print("chosen:", chosen)
+    for sort in edge:
+        print(
+            f"warning: {sort}'s tau {chosen[sort]:g} is at the edge of its grid; add values "
+            "beyond it to --taus (finished points are kept)"
+        )
     return chosen

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from tasks import tune_sort
-from tasks.common.tuning import choose
+from tasks.common.tuning import choose, edge_choices
 from tests.conftest import assert_one_line_error, run_task
 
 TINY = ["--dataset", "mnist5k", "--n", "3", "--batch_size", "4", "--steps", "2"]
@@ -23,6 +23,11 @@ def test_choice_is_the_best_validation_and_ties_go_to_the_smaller_tau():
         {"sort": "b", "tau": 1.0, "val_exact": 0.6},
     ]
     assert choose(rows) == {"a": 0.3, "b": 3.0}
+    # a choice at the smallest or largest tau of its grid may lie beyond it: flagged
+    assert edge_choices(rows, choose(rows)) == ["a", "b"]
+    wider = [*rows, {"sort": "a", "tau": 0.1, "val_exact": 0.2}]
+    assert choose(wider)["a"] == 0.3 and edge_choices(wider, choose(wider)) == ["b"]
+    assert edge_choices(rows[:1], {"a": 1.0}) == []  # one point: no grid to extend
 
 
 def test_sweep_trains_every_point_once_and_resumes(tmp_path):
