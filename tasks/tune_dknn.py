@@ -20,7 +20,6 @@ its best model's scores, minus squared distances, over a validation query's cand
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from layers import pairwise_sq_dists
 from tasks.common.cli import parse_config, run_main
 from tasks.common.data import load_dataset
 from tasks.common.models import embed, make_backbone
-from tasks.common.tuning import write_sweep
+from tasks.common.tuning import sweep
 from tasks.knn.dknn import run
 from tasks.run_dknn import DKNNConfig
 
@@ -118,35 +117,8 @@ def score_spread(cfg: TuneDKNNConfig, runs: list[str], queries: int = 100) -> li
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = parse_config(TuneDKNNConfig, argv)  # runs validate()
-    out = Path(cfg.out)
-    rows = []
-    for sort in cfg.sorts:
-        for tau in cfg.taus:
-            pc = point_config(cfg, sort, tau)
-            done = Path(pc.out) / "results.json"
-            res = json.loads(done.read_text()) if done.exists() else run(pc)
-            rows.append(
-                {
-                    "sort": sort,
-                    "tau": tau,
-                    "val_acc": res["val_acc"],
-                    "seconds_per_step": res["seconds_per_step"],
-                    "minutes": res["minutes"],
-                    "run": Path(pc.out).name,
-                }
-            )
-    spreads = score_spread(cfg, [str(out / r["run"]) for r in rows])
-    for r, spread in zip(rows, spreads):
-        r["score_spread"], r["spread_over_tau"] = spread, spread / r["tau"]
-    chosen = write_sweep(
-        out,
-        rows,
-        FIELDS,
-        dataclasses.asdict(cfg),
-        "val_acc",
-        f"dKNN, {cfg.dataset}, k = {cfg.k}, {cfg.steps} steps",
-    )
-    return {"rows": rows, "chosen": chosen}
+    title = f"dKNN, {cfg.dataset}, k = {cfg.k}, {cfg.steps} steps"
+    return sweep(cfg, point_config, run, score_spread, "val_acc", FIELDS, title)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ against tau).
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ import torch
 from tasks.common.cli import parse_config, run_main
 from tasks.common.data import MultiDigitSequences, load_dataset
 from tasks.common.models import SortCNN
-from tasks.common.tuning import write_sweep
+from tasks.common.tuning import sweep
 from tasks.sort.config import SORTS, SortConfig
 from tasks.sort.train import run
 
@@ -108,35 +107,8 @@ def score_spread(cfg: TuneConfig, runs: list[str], sequences: int = 300) -> list
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = parse_config(TuneConfig, argv)  # runs validate()
-    out = Path(cfg.out)
-    rows = []
-    for sort in cfg.sorts:
-        for tau in cfg.taus:
-            pc = point_config(cfg, sort, tau)
-            done = Path(pc.out) / "results.json"
-            res = json.loads(done.read_text()) if done.exists() else run(pc)
-            rows.append(
-                {
-                    "sort": sort,
-                    "tau": tau,
-                    "val_exact": res["val_exact"],
-                    "seconds_per_step": res["seconds_per_step"],
-                    "minutes": res["minutes"],
-                    "run": Path(pc.out).name,
-                }
-            )
-    spreads = score_spread(cfg, [str(out / r["run"]) for r in rows])
-    for r, spread in zip(rows, spreads):
-        r["score_spread"], r["spread_over_tau"] = spread, spread / r["tau"]
-    chosen = write_sweep(
-        out,
-        rows,
-        FIELDS,
-        dataclasses.asdict(cfg),
-        "val_exact",
-        f"sorting, n = {cfg.n}, {cfg.steps} steps",
-    )
-    return {"rows": rows, "chosen": chosen}
+    title = f"sorting, n = {cfg.n}, {cfg.steps} steps"
+    return sweep(cfg, point_config, run, score_spread, "val_exact", FIELDS, title)
 
 
 if __name__ == "__main__":

@@ -8,13 +8,16 @@ A row is a dict with at least ``sort``, ``tau`` and the validation metric.
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from tasks.common.cli import write_json
 from tasks.common.plots import plt
 
-__all__ = ["choose", "edge_choices", "write_sweep"]
+__all__ = ["choose", "edge_choices", "sweep", "write_sweep"]
 
 
 def choose(rows: list[dict[str, Any]], metric: str = "val_exact") -> dict[str, float]:
@@ -83,3 +86,41 @@ def write_sweep(
             "beyond it to --taus (finished points are kept)"
         )
     return chosen
+
+
+def sweep(
+    cfg: Any,
+    point_config: Callable[[Any, str, float], Any],
+    run: Callable[[Any], dict[str, Any]],
+    score_spread: Callable[[Any, list[str]], list[float]],
+    metric: str,
+    fields: tuple[str, ...],
+    title: str,
+) -> dict[str, Any]:
+    """Train (or read, where its results.json exists) the run ``point_config(cfg, sort, tau)`` of
+    every relaxation in ``cfg.sorts`` and tau in ``cfg.taus``, add each point's score spread
+    (``score_spread(cfg, run folders)``) and its ratio to tau, and write the sweep's files to
+    ``cfg.out``. Returns ``{"rows": ..., "chosen": ...}``."""
+    out = Path(cfg.out)
+    rows = []
+    for sort in cfg.sorts:
+        for tau in cfg.taus:
+            pc = point_config(cfg, sort, tau)
+            done = Path(pc.out) / "results.json"
+            res = json.loads(done.read_text()) if done.exists() else run(pc)
+            rows.append(
+                {
+                    "sort": sort,
+                    "tau": tau,
+                    metric: res[metric],
+                    "seconds_per_step": res["seconds_per_step"],
+                    "minutes": res["minutes"],
+                    "run": Path(pc.out).name,
+                }
+            )
+    spreads = score_spread(cfg, [str(out / r["run"]) for r in rows])
+    for r, spread in zip(rows, spreads):
+        r["score_spread"], r["spread_over_tau"] = spread, spread / r["tau"]
+    config = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(vars(cfg))
+    chosen = write_sweep(out, rows, fields, config, metric, title)
+    return {"rows": rows, "chosen": chosen}
