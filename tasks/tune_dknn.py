@@ -30,7 +30,7 @@ from layers import pairwise_sq_dists
 from tasks.common.cli import parse_config, run_main
 from tasks.common.data import load_dataset
 from tasks.common.models import embed, make_backbone
-from tasks.common.tuning import sweep
+from tasks.common.tuning import check_grid, sweep
 from tasks.knn.dknn import run
 from tasks.run_dknn import DKNNConfig
 
@@ -69,14 +69,7 @@ class TuneDKNNConfig(DKNNConfig):
     def validate(self) -> None:
         self.out = self.out or f"results/dknn/tuning-{self.dataset}"  # before DKNNConfig's default
         super().validate()
-        bad = [s for s in self.sorts if s not in RELAXATIONS]
-        if bad or not self.sorts:
-            names = ", ".join(RELAXATIONS)
-            raise ValueError(f"--sorts must name some of {names}, got {self.sorts}")
-        if not self.taus or any(not t > 0 for t in self.taus):
-            raise ValueError(f"--taus must be positive, got {self.taus}")
-        if self.steps < 1:
-            raise ValueError(f"--steps must be >= 1, got {self.steps}")
+        check_grid(self.sorts, list(RELAXATIONS), self.taus, self.steps)
 
 
 def point_config(cfg: TuneDKNNConfig, sort: str, tau: float) -> DKNNConfig:

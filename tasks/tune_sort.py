@@ -30,7 +30,7 @@ import torch
 from tasks.common.cli import parse_config, run_main
 from tasks.common.data import MultiDigitSequences, load_dataset
 from tasks.common.models import SortCNN
-from tasks.common.tuning import sweep
+from tasks.common.tuning import check_grid, sweep
 from tasks.sort.config import SORTS, SortConfig
 from tasks.sort.train import run
 
@@ -63,13 +63,7 @@ class TuneConfig(SortConfig):
     def validate(self) -> None:
         self.out = self.out or f"results/sort/tuning-n{self.n}"  # before SortConfig's default
         super().validate()
-        bad = [s for s in self.sorts if s not in SORTS]
-        if bad or not self.sorts:
-            raise ValueError(f"--sorts must name some of {', '.join(SORTS)}, got {self.sorts}")
-        if not self.taus or any(not t > 0 for t in self.taus):
-            raise ValueError(f"--taus must be positive, got {self.taus}")
-        if self.steps < 1:
-            raise ValueError(f"--steps must be >= 1, got {self.steps}")
+        check_grid(self.sorts, SORTS, self.taus, self.steps)
 
 
 def point_config(cfg: TuneConfig, sort: str, tau: float) -> SortConfig:

@@ -17,7 +17,18 @@ from typing import Any
 from tasks.common.cli import write_json
 from tasks.common.plots import plt
 
-__all__ = ["choose", "edge_choices", "sweep", "write_sweep"]
+__all__ = ["check_grid", "choose", "edge_choices", "sweep", "write_sweep"]
+
+
+def check_grid(sorts: list[str], known: list[str], taus: list[float], steps: int) -> None:
+    """The sweep's own flags: ``--sorts`` names some of ``known``, ``--taus`` are positive,
+    ``--steps`` >= 1 (``ValueError`` naming the flag otherwise)."""
+    if not sorts or any(s not in known for s in sorts):
+        raise ValueError(f"--sorts must name some of {', '.join(known)}, got {sorts}")
+    if not taus or any(not t > 0 for t in taus):  # not `<= 0`: NaN fails this too
+        raise ValueError(f"--taus must be positive, got {taus}")
+    if steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {steps}")
 
 
 def choose(rows: list[dict[str, Any]], metric: str = "val_exact") -> dict[str, float]:
