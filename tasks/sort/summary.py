@@ -4,10 +4,12 @@ accuracy_vs_minutes.png beside them, with the NeuralSort paper's numbers."""
 from __future__ import annotations
 
 import json
+from dataclasses import MISSING, fields
 from pathlib import Path
 
 from tasks.common.cli import atomic_write_text, write_json
 from tasks.common.plots import read_csv
+from tasks.sort.config import SortConfig
 
 PAPER = {
     3: (0.930, 0.951),
@@ -24,8 +26,11 @@ NOT_RECIPE = {"seed", "out", "resume", "progress", "device", "data_dir", "downlo
 
 
 def recipe(config: dict) -> str:
-    """The run's recipe: its flags less the seed and the bookkeeping ones, as one sorted string."""
-    return json.dumps({k: v for k, v in config.items() if k not in NOT_RECIPE}, sort_keys=True)
+    """The run's recipe: its flags less the seed and the bookkeeping ones, as one sorted string;
+    a flag missing from an older run's config reads its default (the run predates the flag)."""
+    defaults = {f.name: f.default for f in fields(SortConfig) if f.default is not MISSING}
+    flags = defaults | config
+    return json.dumps({k: v for k, v in flags.items() if k not in NOT_RECIPE}, sort_keys=True)
 
 
 def _mean(values: list[float]) -> float:
