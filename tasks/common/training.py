@@ -43,7 +43,14 @@ from tasks.common.cli import (
 from tasks.common.data import DATASETS
 from tasks.common.plots import plot_learning_curves
 
-__all__ = ["ImageTaskFlags", "RunFlags", "Trainer", "distributed_context", "seed_everything"]
+__all__ = [
+    "ImageTaskFlags",
+    "RunFlags",
+    "Trainer",
+    "distributed_context",
+    "epoch_minutes",
+    "seed_everything",
+]
 
 # Flags that may differ between a run and its resumption.
 RESUMABLE_KEYS = {"resume", "num_epochs", "device", "out", "progress"}
@@ -102,6 +109,13 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dic
             f"{path} is not a readable checkpoint ({str(err).splitlines()[0][:80] or 'empty'}); "
             "delete it to start that run over, or pass another --out"
         ) from None
+
+
+def epoch_minutes(metrics: list[dict[str, Any]], best_epoch: int) -> dict[str, float]:
+    """``minutes_to_best`` and ``minutes`` of a run: the ``seconds`` of its metrics.csv rows
+    (training and validation), summed to the best epoch and over all epochs, in minutes."""
+    seconds = [float(row["seconds"]) for row in metrics]
+    return {"minutes_to_best": sum(seconds[:best_epoch]) / 60, "minutes": sum(seconds) / 60}
 
 
 def seed_everything(seed: int) -> None:

@@ -132,6 +132,5 @@ def sweep(
     spreads = score_spread(cfg, [str(out / r["run"]) for r in rows])
     for r, spread in zip(rows, spreads):
         r["score_spread"], r["spread_over_tau"] = spread, spread / r["tau"]
-    config = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(vars(cfg))
-    chosen = write_sweep(out, rows, fields, config, metric, title)
+    chosen = write_sweep(out, rows, fields, dataclasses.asdict(cfg), metric, title)
     return {"rows": rows, "chosen": chosen}

@@ -13,7 +13,7 @@ from tasks.common.cli import UserError, write_json
 from tasks.common.data import load_dataset, random_shift
 from tasks.common.models import embed, make_backbone
 from tasks.common.plots import read_csv
-from tasks.common.training import Trainer, seed_everything
+from tasks.common.training import Trainer, epoch_minutes, seed_everything
 
 SORTS = ["neuralsort", "lp-topk", "sinkhorn"]
 
@@ -77,7 +77,6 @@ def run(cfg) -> dict:
     if trainer.rank != 0:
         return {}
     best_epoch = trainer.load_best()
-    seconds = [float(row["seconds"]) for row in read_csv(trainer.metrics_path)]
     test_acc = acc(model, data.test_x, data.test_y)
     pixel = None
     if cfg.baselines:
@@ -96,15 +95,14 @@ def run(cfg) -> dict:
         "init_embedding_test_acc": init_test,
         "seconds_per_step": sum(step_times) / max(1, len(step_times)),
         "steps": best_epoch * steps,
-        "minutes_to_best": sum(seconds[:best_epoch]) / 60,  # training and validation
-        "minutes": sum(seconds) / 60,
+        **epoch_minutes(read_csv(trainer.metrics_path), best_epoch),
         "machine": machine_info(cfg.device),
     }
     write_json(f"{cfg.out}/results.json", result)
     print(
         f"\n{cfg.dataset} test accuracy, hard {cfg.k}-NN against the training split:\n"
         f"  dKNN ({sort_name}, best epoch {best_epoch}): {100 * test_acc:.2f}%\n"
-        + (f"  pixel kNN:                       {100 * pixel:.2f}%\n" if pixel else "")
+        + (f"  pixel kNN:                       {100 * pixel:.2f}%\n" if pixel is not None else "")
         + (f"  untrained embedding:             {100 * init_test:.2f}%\n" if init_test else "")
         + f"  {1000 * result['seconds_per_step']:.1f} ms per training step; results in {cfg.out}"
     )

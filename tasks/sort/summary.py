@@ -25,11 +25,14 @@ PAPER = {
 NOT_RECIPE = {"seed", "out", "resume", "progress", "device", "data_dir", "download"}
 
 
+# What a flag missing from an older run's config was: its default (the run predates the flag).
+DEFAULTS = {f.name: f.default for f in fields(SortConfig) if f.default is not MISSING}
+
+
 def recipe(config: dict) -> str:
-    """The run's recipe: its flags less the seed and the bookkeeping ones, as one sorted string;
-    a flag missing from an older run's config reads its default (the run predates the flag)."""
-    defaults = {f.name: f.default for f in fields(SortConfig) if f.default is not MISSING}
-    flags = defaults | config
+    """The run's recipe: its flags (defaults for those it predates) less the seed and the
+    bookkeeping ones, as one sorted string."""
+    flags = DEFAULTS | config
     return json.dumps({k: v for k, v in flags.items() if k not in NOT_RECIPE}, sort_keys=True)
 
 
@@ -44,14 +47,13 @@ def headline(runs: list[dict]) -> list[dict]:
     groups: dict[tuple[str, int, str], list[dict]] = {}
     for r in runs:
         groups.setdefault((r["sort"], r["n"], r["recipe"]), []).append(r)
-    best: dict[tuple[str, int], list[dict]] = {}
+    best: dict[tuple[str, int], tuple[tuple[float, int], list[dict]]] = {}
     for (sort, n, _), rs in sorted(groups.items()):
-        key = (sort, n)
         score = (_mean([r["val_exact"] for r in rs]), len(rs))
-        if key not in best or score > (_mean([r["val_exact"] for r in best[key]]), len(best[key])):
-            best[key] = rs
+        if (sort, n) not in best or score > best[sort, n][0]:
+            best[sort, n] = (score, rs)
     rows = []
-    for (sort, n), rs in sorted(best.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+    for (sort, n), (_, rs) in sorted(best.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         rs = sorted(rs, key=lambda r: r["seed"] if r["seed"] is not None else -1)
         minutes = [r["minutes"] for r in rs if r["minutes"] is not None]
         rows.append(

@@ -14,7 +14,7 @@ from tasks.common.cli import write_json
 from tasks.common.data import MultiDigitSequences, load_dataset
 from tasks.common.models import SortCNN
 from tasks.common.plots import read_csv
-from tasks.common.training import Trainer, seed_everything
+from tasks.common.training import Trainer, epoch_minutes, seed_everything
 from tasks.sort.summary import summarize
 
 
@@ -137,7 +137,6 @@ def run(cfg) -> dict:
         return {}
     best_epoch = trainer.load_best()
     rows = read_csv(trainer.metrics_path)
-    seconds = [float(row["seconds"]) for row in rows]
     model.eval()
     with torch.no_grad():
         test_scores = score_all(model, test[0])
@@ -154,8 +153,7 @@ def run(cfg) -> dict:
         "test_wrong_pairs_by_digit": wrong,
         "seconds_per_step": sum(step_times) / max(1, len(step_times)),
         "steps": best_epoch * cfg.steps_per_epoch,
-        "minutes_to_best": sum(seconds[:best_epoch]) / 60,  # training and validation
-        "minutes": sum(seconds) / 60,
+        **epoch_minutes(rows, best_epoch),
         "machine": machine_info(cfg.device),
     }
     write_json(f"{cfg.out}/results.json", result)
