@@ -274,10 +274,13 @@ def test_summarize_tabulates_every_run_beside_it(tmp_path):
     # d: better on test than c, worse on validation
     run("d", 3, "sinkhorn", 0.65, 0.45, near_groupings=20, digit_reuse=4)
     run("e", 3, "neuralsort", 0.8, 0.6, seed=1, out="elsewhere")  # a's recipe, another seed
+    run("f", 5, "sinkhorn", 0.5, 0.3, seed=1)  # b's recipe, another seed: mean validation .35
+    # g: one seed, validation above b and f's mean; a recipe with two seeds heads the table
+    run("g", 5, "sinkhorn", 0.9, 0.45, near_groupings=20)
     run_sort.summarize(tmp_path)
     text = (tmp_path / "summary.md").read_text()
     rows = [r for r in text.split("\n\n")[0].splitlines() if r.startswith("| ")]
-    assert len(rows) == 1 + 5  # header and one row per run
+    assert len(rows) == 1 + 7  # header and one row per run
     table = json.loads((tmp_path / "summary.json").read_text())
     assert [(r["n"], r["sort"]) for r in table][1:3] == [(3, "neuralsort"), (3, "sinkhorn")]
     assert "0.930 (0.951)" in rows[1]  # the paper's n = 3 figure beside it
@@ -288,14 +291,15 @@ def test_summarize_tabulates_every_run_beside_it(tmp_path):
     pivot = text.split("\n\n")[1].splitlines()
     assert pivot[0] == "| relaxation | n = 3 | n = 5 |"
     # each cell: the recipe best on mean validation (c's, not d's), its seeds averaged
-    assert pivot[3] == "| sinkhorn | 0.600 (0.700), 1 seed | 0.400 (0.500), 1 seed |"
+    assert pivot[3] == "| sinkhorn | 0.600 (0.700), 1 seed | 0.450 (0.550), 2 seeds |"
     assert pivot[2] == "| neuralsort | 0.750 (0.850), 2 seeds | - |"
     top = json.loads((tmp_path / "headline.json").read_text())
     assert [(h["n"], h["sort"], h["seeds"]) for h in top] == [
         (3, "neuralsort", 2),
         (3, "sinkhorn", 1),
-        (5, "sinkhorn", 1),
+        (5, "sinkhorn", 2),
     ]
+    assert top[2]["runs"] == ["b", "f"]  # not g, better on validation with one seed
     assert top[0]["test_exact_per_seed"] == [0.7, 0.8] and top[0]["runs"] == ["a", "e"]
     assert "| 3 | neuralsort | 1 | 1e-20 | 2 | 0.750 (0.700, 0.800) | 0.850 |" in text
     assert (tmp_path / "accuracy_vs_n.png").stat().st_size > 0
