@@ -548,6 +548,10 @@ class _BirkhoffProjection(torch.autograd.Function):
                 a_k, b_k, _, _ = birkhoff_dual(Cb / 4**k, start=start)
                 start = (4 * a_k, 4 * b_k)
             a[bad], b[bad], M[bad], done[bad] = birkhoff_dual(Cb, start=start)
+        if not bool(done.all()):  # a rare slow element: more ascent steps from where it is
+            bad = torch.nonzero(~done).flatten()
+            start = (a[bad], b[bad])
+            a[bad], b[bad], M[bad], done[bad] = birkhoff_dual(C64[bad], max_iter=2000, start=start)
         if not bool(done.all()):
             bad = torch.nonzero(~done).flatten().tolist()
             raise SolverError(

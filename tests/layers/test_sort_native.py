@@ -268,6 +268,24 @@ def test_birkhoff_failure_is_a_solver_error(monkeypatch: pytest.MonkeyPatch) -> 
     assert err.value.failed == [2]
 
 
+def test_birkhoff_slow_elements_get_more_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Elements left unsolved by the first passes (here: each cut to one Newton step) are solved
+    by the longer pass from where they stopped, to the same projection."""
+    x = _inputs("plain", 6, 9)
+    want = lp_birkhoff_sort(x, 10.0, backend="native")
+    real = sort_native.birkhoff_dual
+    calls: list[int] = []
+
+    def one_step_first(C, max_iter=100, start=None):
+        calls.append(max_iter)
+        return real(C, max_iter if max_iter > 100 else 1, start)
+
+    monkeypatch.setattr(sort_native, "birkhoff_dual", one_step_first)
+    got = lp_birkhoff_sort(x, 10.0, backend="native")
+    assert calls[-1] > 100  # the longer pass ran
+    assert torch.allclose(got, want, atol=1e-12, rtol=0)
+
+
 def test_unknown_backend_lists_native() -> None:
     with pytest.raises(ValueError, match="native"):
         soft_rank(torch.randn(2, 3), backend="nope")
