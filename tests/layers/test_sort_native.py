@@ -269,8 +269,8 @@ def test_birkhoff_failure_is_a_solver_error(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def test_birkhoff_slow_elements_get_more_steps(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Elements left unsolved by the first passes (here: each cut to one Newton step) are solved
-    by the longer pass from where they stopped, to the same projection."""
+    """Elements left unsolved by the short passes (here: each cut to one Newton step) are solved
+    by the continuation's longer last solve, to the same projection."""
     x = _inputs("plain", 6, 9)
     want = lp_birkhoff_sort(x, 10.0, backend="native")
     real = sort_native.birkhoff_dual
