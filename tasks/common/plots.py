@@ -58,7 +58,9 @@ def plot_learning_curves(metrics_csv: str | Path, out_png: str | Path, title: st
     keys = [
         k
         for k in rows[0]
-        if k not in ("epoch", "seconds", "step") and isinstance(rows[0][k], float)
+        if k not in ("epoch", "step")
+        and not k.endswith("seconds")  # timings: not curves
+        and isinstance(rows[0][k], float)
     ]
     panels = [p for p in metric_panels(keys) if p]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)

@@ -12,6 +12,7 @@ import torch
 from tasks import run_sort
 from tasks.common.data import MultiDigitSequences
 from tasks.common.models import SortCNN
+from tasks.common.plots import read_csv
 from tasks.sort import train as sort_train
 from tests.conftest import assert_one_line_error, run_task
 
@@ -171,6 +172,15 @@ def test_shared_samples_use_each_tile_reuse_times():
     assert torch.equal(same, values) and not torch.equal(moved, tiles)
     with pytest.raises(ValueError, match="reuse must be >= 1 and divide"):
         seqs.sample_shared(8, 5)
+
+
+def test_a_resumed_run_times_the_steps_of_every_epoch(tmp_path):
+    run_sort.main([*TINY, "--num_epochs", "1", "--out", str(tmp_path)])
+    r = run_sort.main([*TINY, "--num_epochs", "2", "--out", str(tmp_path), "--resume"])
+    rows = read_csv(tmp_path / "metrics.csv")
+    per_epoch = [row["train_step_seconds"] for row in rows]
+    assert len(per_epoch) == 2 and all(s > 0 for s in per_epoch)
+    assert r["seconds_per_step"] == pytest.approx(sum(per_epoch) / 2)  # not the last epoch's
 
 
 @pytest.mark.parametrize("sort", run_sort.SORTS)
