@@ -175,9 +175,10 @@ def test_shared_samples_use_each_tile_reuse_times():
 
 
 def test_a_resumed_run_times_the_steps_of_every_epoch(tmp_path):
-    run_sort.main([*TINY, "--num_epochs", "1", "--out", str(tmp_path)])
-    r = run_sort.main([*TINY, "--num_epochs", "2", "--out", str(tmp_path), "--resume"])
-    rows = read_csv(tmp_path / "metrics.csv")
+    out = tmp_path / "run"  # the summary reads every run folder beside it: only this one
+    run_sort.main([*TINY, "--num_epochs", "1", "--out", str(out)])
+    r = run_sort.main([*TINY, "--num_epochs", "2", "--out", str(out), "--resume"])
+    rows = read_csv(out / "metrics.csv")
     per_epoch = [row["train_step_seconds"] for row in rows]
     assert len(per_epoch) == 2 and all(s > 0 for s in per_epoch)
     assert r["seconds_per_step"] == pytest.approx(sum(per_epoch) / 2)  # not the last epoch's
