@@ -118,6 +118,16 @@ def epoch_minutes(metrics: list[dict[str, Any]], best_epoch: int) -> dict[str, f
     return {"minutes_to_best": sum(seconds[:best_epoch]) / 60, "minutes": sum(seconds) / 60}
 
 
+def mean_step_seconds(metrics: list[dict[str, Any]]) -> float:
+    """Mean seconds of one ``train_step`` call over the epochs of a run's metrics.csv rows that
+    timed them (``train_step_seconds``; rows from before that column are blank there), so a
+    resumed run counts every epoch; nan when none did."""
+    timed = [
+        r["train_step_seconds"] for r in metrics if isinstance(r.get("train_step_seconds"), float)
+    ]
+    return sum(timed) / len(timed) if timed else float("nan")
+
+
 def seed_everything(seed: int) -> None:
     import random
 
@@ -296,6 +306,7 @@ class Trainer:
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch * 1009 + self.rank)
             self.model.train()
             sums: dict[str, float] = {}
+            step_seconds = 0.0
             bar = tqdm(
                 range(steps_per_epoch),
                 desc=f"epoch {epoch}/{num_epochs}",
@@ -305,13 +316,16 @@ class Trainer:
             for i in bar:
                 self._set_lr((epoch - 1) * steps_per_epoch + i, num_epochs * steps_per_epoch)
                 self.optimizer.zero_grad(set_to_none=True)
+                t_step = time.perf_counter()
                 logs = train_step(self.train_model, gen)
+                step_seconds += time.perf_counter() - t_step
                 self.optimizer.step()
                 for k, v in logs.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
                 bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items()}, refresh=False)
             row: dict[str, Any] = {"epoch": epoch}
             row.update({f"train_{k}": v / steps_per_epoch for k, v in sums.items()})
+            row["train_step_seconds"] = step_seconds / steps_per_epoch  # forward and backward
             if self.rank == 0:
                 self.model.eval()
                 with torch.no_grad():

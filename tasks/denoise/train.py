@@ -22,7 +22,7 @@ from tasks.common.cli import (
 )
 from tasks.common.data import denoising_splits
 from tasks.common.plots import read_csv
-from tasks.common.training import Trainer, load_checkpoint, seed_everything
+from tasks.common.training import Trainer, load_checkpoint, mean_step_seconds, seed_everything
 
 DenoiseConfig = Any  # the flags dataclass of tasks/run_denoise.py
 
@@ -236,12 +236,11 @@ def run_trained(
             state.update(gen=gen, perm=torch.randperm(len(train_x), generator=gen), k=0)
         idx = state["perm"][state["k"] : state["k"] + cfg.batch_size]
         state["k"] += cfg.batch_size
-        t0 = time.perf_counter()
         pred = net(train_x[idx].to(dev))
         loss = ((pred - train_y[idx].to(dev)) ** 2).mean()
         total = loss + penalty * net.D.abs().sum() if penalty else loss
         total.backward()
-        logs = {"mse": loss.item(), "step_s": time.perf_counter() - t0}
+        logs = {"mse": loss.item()}
         if isinstance(net, (TVDenoise, MappedTV)):
             logs["lam"] = net.lam.item()
         return logs
@@ -258,13 +257,13 @@ def run_trained(
     print(f"{name}: training {epochs} epochs of {steps} steps in {trainer.out}")
     trainer.fit(epochs, steps, train_step, evaluate)
     rows = read_csv(trainer.metrics_path) if trainer.metrics_path.exists() else []
-    epoch_s = [r["train_step_s"] * steps for r in rows if "train_step_s" in r]
+    step_s = mean_step_seconds(rows)
     row = {
         "model": name,
         "epochs": int(rows[-1]["epoch"]) if rows else 0,
         "train_mse": mse(model, train_x, train_y, cfg.eval_batch, dev),
         "test_mse": mse(model, data["test_noisy"], data["test_clean"], cfg.eval_batch, dev),
-        "train_seconds_per_epoch": sum(epoch_s) / len(epoch_s) if epoch_s else None,
+        "train_seconds_per_epoch": None if math.isnan(step_s) else step_s * steps,
     }
     if isinstance(model, (TVDenoise, MappedTV)):
         row["lam"] = model.lam.item()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict
 
 import torch
@@ -13,7 +12,7 @@ from tasks.common.cli import UserError, write_json
 from tasks.common.data import load_dataset, random_shift
 from tasks.common.models import embed, make_backbone
 from tasks.common.plots import read_csv
-from tasks.common.training import Trainer, epoch_minutes, seed_everything
+from tasks.common.training import Trainer, epoch_minutes, mean_step_seconds, seed_everything
 
 SORTS = ["neuralsort", "lp-topk", "sinkhorn"]
 
@@ -57,17 +56,14 @@ def run(cfg) -> dict:
         else None
     )
     q, nb = cfg.num_train_queries, cfg.num_train_neighbors
-    step_times: list[float] = []
 
     def train_step(net, gen):
-        t0 = time.perf_counter()
         idx = torch.randperm(n_train, generator=gen)[: q + nb]
         x, y = data.train_x[idx], data.train_y[idx].to(dev)
         # one forward for queries and candidates (one DDP pass)
         e = net(random_shift(x, cfg.augment, gen).to(dev))
         loss = dknn.loss(e[:q], e[q:], y[:q], y[q:])
         loss.backward()
-        step_times.append(time.perf_counter() - t0)
         return {"loss": loss.item(), "topk_correct": -loss.item() / cfg.k}
 
     steps = cfg.steps_per_epoch or max(1, n_train // q)
@@ -77,6 +73,7 @@ def run(cfg) -> dict:
     if trainer.rank != 0:
         return {}
     best_epoch = trainer.load_best()
+    rows = read_csv(trainer.metrics_path)
     test_acc = acc(model, data.test_x, data.test_y)
     pixel = None
     if cfg.baselines:
@@ -93,9 +90,9 @@ def run(cfg) -> dict:
         "test_acc": test_acc,
         "pixel_knn_test_acc": pixel,
         "init_embedding_test_acc": init_test,
-        "seconds_per_step": sum(step_times) / max(1, len(step_times)),
+        "seconds_per_step": mean_step_seconds(rows),
         "steps": best_epoch * steps,
-        **epoch_minutes(read_csv(trainer.metrics_path), best_epoch),
+        **epoch_minutes(rows, best_epoch),
         "machine": machine_info(cfg.device),
     }
     write_json(f"{cfg.out}/results.json", result)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from tasks.common.cli import write_json
 from tasks.common.data import MultiDigitSequences, load_dataset
 from tasks.common.models import SortCNN
 from tasks.common.plots import read_csv
-from tasks.common.training import Trainer, epoch_minutes, seed_everything
+from tasks.common.training import Trainer, epoch_minutes, mean_step_seconds, seed_everything
 from tasks.sort.summary import summarize
 
 
@@ -71,15 +70,6 @@ def sort_accuracy(scores: torch.Tensor, values: torch.Tensor) -> tuple[float, fl
     return right.all(-1).float().mean().item(), right.float().mean().item()
 
 
-def _mean_step_seconds(rows: list[dict]) -> float:
-    """Mean seconds per training step (forward and backward) over the epochs of metrics.csv
-    that timed their steps (rows written before the column existed are blank there)."""
-    timed = [
-        r["train_step_seconds"] for r in rows if isinstance(r.get("train_step_seconds"), float)
-    ]
-    return sum(timed) / len(timed) if timed else float("nan")
-
-
 def run(cfg) -> dict:
     data = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download, seed=0)
     train = MultiDigitSequences(data.train_x, data.train_y, cfg.n, cfg.num_digits)
@@ -104,7 +94,6 @@ def run(cfg) -> dict:
         return net(x.reshape(b * n, *x.shape[2:]).to(dev)).reshape(b, n)
 
     def train_step(net, gen):
-        t0 = time.perf_counter()
         augment = {"shift": cfg.shift, "rotate": cfg.rotate, "scale": cfg.scale}
         if cfg.digit_reuse > 1:
             tiles, index, values = train.sample_shared(
@@ -127,8 +116,7 @@ def run(cfg) -> dict:
         p_hat = relax(scores)  # (..., b, n, n); stochastic: leading samples dim
         loss = -(p_true * torch.log(p_hat.clamp_min(cfg.loss_floor))).sum(-1).mean()
         loss.backward()
-        # metrics.csv keeps each epoch's mean, so a resumed run still times all its steps
-        return {"loss": loss.item(), "step_seconds": time.perf_counter() - t0}
+        return {"loss": loss.item()}
 
     def score_all(net, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([scores_of(net, x[i : i + 250]) for i in range(0, len(x), 250)]).cpu()
@@ -159,7 +147,7 @@ def run(cfg) -> dict:
         # pairs of test numbers whose order their k-th digit decides, and how many are wrong
         "test_pairs_by_digit": pairs,
         "test_wrong_pairs_by_digit": wrong,
-        "seconds_per_step": _mean_step_seconds(rows),
+        "seconds_per_step": mean_step_seconds(rows),
         "steps": best_epoch * cfg.steps_per_epoch,
         **epoch_minutes(rows, best_epoch),
         "machine": machine_info(cfg.device),
