@@ -292,7 +292,9 @@ def sinkhorn_sort(
     """Sinkhorn relaxation: Sinkhorn-normalize ``exp(r s^T / tau)`` with ``r_i = n + 1 - 2i``.
 
     The limit of the iterations is the entropy-regularized LP ``max <P, r s^T> + tau H(P)`` over
-    the Birkhoff polytope, the baseline of the NeuralSort paper. The kernel is built from
+    the Birkhoff polytope: the entropic optimal-transport sort (Cuturi et al., 2019) with anchors
+    ``r``. (The NeuralSort paper's Sinkhorn baselines are another model: Sinkhorn applied to a
+    matrix made from the n items' stacked CNN features.) The kernel is built from
     NeuralSort's logits ``(r s^T - 1 (A_s 1)^T) / tau`` shifted so each row's maximum is 0: they
     differ from ``r s^T / tau`` by per-row and per-column terms, so the Sinkhorn limit is the
     same, but the first row normalization already gives NeuralSort's ``P_hat``, which is close

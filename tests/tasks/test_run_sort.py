@@ -13,6 +13,7 @@ from tasks import run_sort
 from tasks.common.data import MultiDigitSequences
 from tasks.common.models import SortCNN
 from tasks.common.plots import read_csv
+from tasks.sort import summary as sort_summary
 from tasks.sort import train as sort_train
 from tests.conftest import assert_one_line_error, run_task
 
@@ -304,6 +305,14 @@ def test_summarize_tabulates_every_run_beside_it(tmp_path):
     # each cell: the recipe best on mean validation (c's, not d's), its seeds averaged
     assert pivot[3] == "| sinkhorn | 0.600 (0.700), 1 seed | 0.450 (0.550), 2 seeds |"
     assert pivot[2] == "| neuralsort | 0.750 (0.850), 2 seeds | - |"
+    # the paper's two NeuralSort rows under the pivot; a stochastic run is set beside its own
+    assert pivot[-2:] == [
+        "| paper (NeuralSort) | 0.930 (0.951) | 0.837 (0.927) |",
+        "| paper (stochastic NeuralSort) | 0.927 (0.950) | 0.835 (0.926) |",
+    ]
+    assert sort_summary.paper_figure("neuralsort-stochastic", 9) == (0.646, 0.895)
+    assert sort_summary.paper_figure("lp-birkhoff", 9) == (0.649, 0.896)
+    assert sort_summary.paper_figure("neuralsort", 4) is None
     top = json.loads((tmp_path / "headline.json").read_text())
     assert [(h["n"], h["sort"], h["seeds"]) for h in top] == [
         (3, "neuralsort", 2),
