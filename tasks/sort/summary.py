@@ -11,31 +11,38 @@ from tasks.common.cli import atomic_write_text, write_json
 from tasks.common.plots import read_csv
 from tasks.sort.config import SortConfig
 
+# NeuralSort Table 1, test exact (element-wise) by n: each variant's row, with its label
 PAPER = {
-    3: (0.930, 0.951),
-    5: (0.837, 0.927),
-    7: (0.738, 0.909),
-    9: (0.649, 0.896),
-    15: (0.386, 0.857),
-}  # NeuralSort Table 1, deterministic NeuralSort: exact (element-wise)
-PAPER_STOCHASTIC = {
-    3: (0.927, 0.950),
-    5: (0.835, 0.926),
-    7: (0.741, 0.909),
-    9: (0.646, 0.895),
-    15: (0.418, 0.862),
-}  # NeuralSort Table 1, stochastic NeuralSort
-
-
-SORT_STOCH = "neuralsort-stochastic"
+    "neuralsort": (
+        "NeuralSort",
+        {
+            3: (0.930, 0.951),
+            5: (0.837, 0.927),
+            7: (0.738, 0.909),
+            9: (0.649, 0.896),
+            15: (0.386, 0.857),
+        },
+    ),
+    "neuralsort-stochastic": (
+        "stochastic NeuralSort",
+        {
+            3: (0.927, 0.950),
+            5: (0.835, 0.926),
+            7: (0.741, 0.909),
+            9: (0.646, 0.895),
+            15: (0.418, 0.862),
+        },
+    ),
+}
+NEURALSORT = PAPER["neuralsort"][1]
 
 
 def paper_figure(sort: str, n: int) -> tuple[float, float] | None:
     """The paper's test (exact, element-wise) figure to set beside a run of ``sort`` at ``n``:
-    its stochastic NeuralSort row for neuralsort-stochastic, its deterministic row for every
-    other relaxation (the paper's Sinkhorn baselines map stacked CNN features to a matrix, a
-    different model from the Sinkhorn relaxation of scores here); None where it has no n."""
-    return (PAPER_STOCHASTIC if sort == SORT_STOCH else PAPER).get(n)
+    its row for that NeuralSort variant, its deterministic row for every other relaxation (the
+    paper's Sinkhorn baselines map stacked CNN features to a matrix, a different model from the
+    Sinkhorn relaxation of scores here); None where it has no n."""
+    return PAPER.get(sort, PAPER["neuralsort"])[1].get(n)
 
 
 def _paper_text(sort: str, n: int) -> str:
@@ -136,7 +143,7 @@ def _by_relaxation_and_n(rows: list[dict]) -> list[str]:
             for n in ns
         ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    for label, sort in (("NeuralSort", "neuralsort"), ("stochastic NeuralSort", SORT_STOCH)):
+    for sort, (label, _) in PAPER.items():
         paper = [_paper_text(sort, n) for n in ns]
         lines.append(f"| paper ({label}) | " + " | ".join(paper) + " |")
     return lines
@@ -178,8 +185,7 @@ def summarize(root: str | Path) -> None:
     lines = [
         "| n | relaxation | run | tau | lr | groupings | near groupings | digit reuse | "
         "loss floor | test exact | test element-wise | paper (same NeuralSort variant) | "
-        "ms/step | steps | "
-        "minutes | cpu |",
+        "ms/step | steps | minutes | cpu |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
@@ -211,9 +217,8 @@ def summarize(root: str | Path) -> None:
         for name in sorted({r["sort"] for r in runs}):
             points = sorted((n, r[key]) for (sort, n), r in best.items() if sort == name)
             ax.plot(*zip(*points), marker="o", label=name)
-        ax.plot(list(PAPER), [v[paper_col] for v in PAPER.values()], "k--", label="paper")
-        stoch = PAPER_STOCHASTIC
-        ax.plot(list(stoch), [v[paper_col] for v in stoch.values()], "k:", label="paper (stoch.)")
+        for (label, row), style in zip(PAPER.values(), ("k--", "k:")):
+            ax.plot(list(row), [v[paper_col] for v in row.values()], style, label=f"paper, {label}")
         ax.set_xlabel("n (numbers per sequence)")
         ax.set_ylabel("test accuracy")
         ax.set_title(title, fontsize=10)
@@ -251,8 +256,8 @@ def _plot_against_minutes(root: Path, best: dict[tuple[str, int], dict], plt) ->
                     alpha=1.0 if j == 0 else 0.5,
                     label=name if j == 0 else None,
                 )
-        if n in PAPER:
-            ax.axhline(PAPER[n][0], color="k", ls="--", lw=1, label="paper (test)")
+        if n in NEURALSORT:
+            ax.axhline(NEURALSORT[n][0], color="k", ls="--", lw=1, label="paper (test)")
         ax.set(title=f"n = {n}", xlabel="minutes", ylabel="validation exact", ylim=(0, 1))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
