@@ -34,7 +34,6 @@ PAPER = {
         },
     ),
 }
-NEURALSORT = PAPER["neuralsort"][1]
 
 
 def paper_figure(sort: str, n: int) -> tuple[float, float] | None:
@@ -256,8 +255,9 @@ def _plot_against_minutes(root: Path, best: dict[tuple[str, int], dict], plt) ->
                     alpha=1.0 if j == 0 else 0.5,
                     label=name if j == 0 else None,
                 )
-        if n in NEURALSORT:
-            ax.axhline(NEURALSORT[n][0], color="k", ls="--", lw=1, label="paper (test)")
+        paper = paper_figure("neuralsort", n)
+        if paper:
+            ax.axhline(paper[0], color="k", ls="--", lw=1, label="paper (test)")
         ax.set(title=f"n = {n}", xlabel="minutes", ylabel="validation exact", ylim=(0, 1))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
